@@ -1,0 +1,1 @@
+"""DVC pipeline stages for the 7,776-parameter MNIST CNN."""

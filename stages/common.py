@@ -1,0 +1,106 @@
+"""Helpers every stage shares: one-line errors, atomic writes, safe tensor loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+
+def _umask_mode(mode: int) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+class StageError(Exception):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a stage's main(), turning StageError into one line on stderr and exit 1."""
+    try:
+        main()
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only on success.
+
+    A crash or exception leaves either the old file or none, never a partial one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    tmp.chmod(_umask_mode(0o666))  # mkstemp makes 0600; give the file a normal mode
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it replaces `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(_umask_mode(0o777))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    path = Path(path)
+    try:
+        with path.open() as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise StageError(f"{path}: {what} not found; run the stage that makes it (dvc repro)") from None
+    except (OSError, ValueError) as err:
+        raise StageError(f"{path}: {what} is unreadable ({err}); rerun the stage that makes it") from None
+
+
+def save_torch(path: str | Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: str | Path, what: str, map_location="cpu"):
+    """torch.load with weights_only=True and a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: {what} not found; run the stage that makes it (dvc repro)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StageError(f"{path}: {what} is corrupt or not a torch file ({reason}); "
+                         "rerun the stage that makes it") from None

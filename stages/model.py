@@ -1,0 +1,65 @@
+"""The 7,776-parameter CNN, and how to rebuild it from a checkpoint."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stages.common import StageError
+
+
+def conv_block(c_in: int, c_out: int, dropout: float) -> nn.Sequential:
+    """3×3 convolution (no bias, no padding) → ReLU → BatchNorm → Dropout."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, bias=False),
+        nn.ReLU(),
+        nn.BatchNorm2d(c_out),
+        nn.Dropout(dropout),
+    )
+
+
+class Net(nn.Module):
+    """Input (B, 1, 28, 28) normalised digits; output (B, 10) log-probabilities."""
+
+    def __init__(self, dropout: float):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_block(1, 8, dropout),                    # (B, 8, 26, 26)
+            conv_block(8, 12, dropout),                   # (B, 12, 24, 24)
+            nn.MaxPool2d(2),                              # (B, 12, 12, 12)
+            nn.Conv2d(12, 10, kernel_size=1, bias=False),  # (B, 10, 12, 12)
+            conv_block(10, 12, dropout),                  # (B, 12, 10, 10)
+            conv_block(12, 12, dropout),                  # (B, 12, 8, 8)
+            conv_block(12, 16, dropout),                  # (B, 16, 6, 6)
+            conv_block(16, 16, dropout),                  # (B, 16, 4, 4)
+            nn.AdaptiveAvgPool2d(1),                      # (B, 16, 1, 1)
+            nn.Conv2d(16, 10, kernel_size=1, bias=False),  # (B, 10, 1, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1).log_softmax(dim=1)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def checkpoint(model: nn.Module, model_args: dict, **extra) -> dict:
+    """A checkpoint: the state dict, the arguments that rebuild the model, and EXTRA."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"model": state, "model_args": dict(model_args), **extra}
+
+
+def from_checkpoint(ckpt: dict, source: str) -> Net:
+    """Rebuild the model from a checkpoint loaded with weights_only=True."""
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise StageError(f"{source}: not a checkpoint of this project (no model/model_args); "
+                         "rerun the train stage")
+    try:
+        model = Net(**ckpt["model_args"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise StageError(f"{source}: checkpoint does not fit this architecture ({first}); "
+                         "rerun the train stage") from None
+    return model

@@ -1,0 +1,141 @@
+"""params.yaml, parsed and validated in one place.
+
+Every stage that takes hyperparameters calls `load_params()`. It checks the whole
+file before any work starts: unknown or missing keys, wrong types and values out
+of range each give one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from stages.common import StageError
+
+DEVICES = ("auto", "cpu", "cuda")
+SWITCHES = ("auto", "on", "off")
+
+
+def _rule(check, allowed: str):
+    return field(metadata={"check": check, "allowed": allowed})
+
+
+def _positive(v):
+    return v > 0
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = _rule(lambda v: v >= 1, "an integer >= 1")
+    batch_size: int = _rule(_positive, "an integer >= 1")
+    lr: float = _rule(_positive, "a number > 0")
+    momentum: float = _rule(lambda v: 0 <= v < 1, "a number in [0, 1)")
+    nesterov: bool = _rule(None, "true or false")
+    weight_decay: float = _rule(lambda v: v >= 0, "a number >= 0")
+    dropout: float = _rule(lambda v: 0 <= v < 1, "a number in [0, 1)")
+    rotation: float = _rule(lambda v: 0 <= v <= 180, "degrees in [0, 180]; 0 turns rotation off")
+    step_size: int = _rule(_positive, "an integer >= 1 (epochs between lr drops)")
+    gamma: float = _rule(lambda v: 0 < v <= 1, "a number in (0, 1]")
+    seed: int = _rule(lambda v: v >= 0, "an integer >= 0")
+    device: str = _rule(lambda v: v in DEVICES, " or ".join(DEVICES))
+    resume: bool = _rule(None, "true or false")
+    threads: int = _rule(lambda v: v >= 0, "an integer >= 0; 0 keeps torch's default")
+    channels_last: str = _rule(lambda v: v in SWITCHES, " or ".join(SWITCHES))
+    compile: str = _rule(lambda v: v in SWITCHES, " or ".join(SWITCHES))
+
+    def fingerprint(self) -> str:
+        """Hash of the params that shape the result; `resume` is not one of them."""
+        d = dataclasses.asdict(self)
+        d.pop("resume")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = _rule(_positive, "an integer >= 1")
+    max_errors: int = _rule(lambda v: v >= 0, "an integer >= 0 (misclassified digits drawn)")
+
+
+@dataclass(frozen=True)
+class Params:
+    train: TrainParams
+    evaluate: EvaluateParams
+
+
+def _type_ok(value, typ) -> bool:
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _unknown(key: str, known: list[str]) -> StageError:
+    near = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=1)
+    hint = f"did you mean {key.rsplit('.', 1)[0]}.{near[0]}? " if near and "." in key else ""
+    return StageError(f"params.yaml: unknown key {key}; {hint}allowed: {', '.join(known)}")
+
+
+def _section(cls, name: str, raw) -> object:
+    if not isinstance(raw, dict):
+        raise StageError(f"params.yaml: {name} must be a mapping of keys to values, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise _unknown(f"{name}.{key}", [f"{name}.{k}" for k in fields])
+    values = {}
+    for key, f in fields.items():
+        full = f"{name}.{key}"
+        if key not in raw:
+            raise StageError(f"params.yaml: {full} is missing; add it ({f.metadata['allowed']})")
+        value, typ = raw[key], {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+        if not _type_ok(value, typ):
+            raise StageError(f"params.yaml: {full} = {value!r} is not {_TYPE_WORDS[typ]}; "
+                             f"allowed: {f.metadata['allowed']}")
+        check = f.metadata["check"]
+        if check is not None and not check(value):
+            raise StageError(f"params.yaml: {full} = {value!r} is out of range; "
+                             f"allowed: {f.metadata['allowed']}")
+        values[key] = float(value) if typ is float else value
+    return cls(**values)
+
+
+def parse_params(raw) -> Params:
+    """Validate a params mapping (as loaded from YAML) and return typed params."""
+    if not isinstance(raw, dict):
+        raise StageError("params.yaml: the file must be a mapping with the sections "
+                         + ", ".join(f.name for f in dataclasses.fields(Params)))
+    sections = {f.name: f for f in dataclasses.fields(Params)}
+    for name in raw:
+        if name not in sections:
+            raise _unknown(name, list(sections))
+    for name in sections:
+        if name not in raw:
+            raise StageError(f"params.yaml: section {name} is missing; add it")
+    return Params(**{name: _section(globals()[f.type], name, raw[name])
+                     for name, f in sections.items()})
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        with path.open() as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found; run from the repository root") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise StageError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    return parse_params(raw)

@@ -1,0 +1,80 @@
+"""Plot stage: accuracy and loss curves, train and test, per epoch.
+
+Reads:  LIVE_DIR/plots/metrics/{train,test}/{acc,loss}.tsv, DVCLive's history.
+Writes: OUT_DIR/accuracy.png and OUT_DIR/loss.png.
+Params: none.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from stages.common import StageError, atomic_path, run  # noqa: E402
+
+CURVES = {"acc": ("accuracy.png", "accuracy (%)"), "loss": ("loss.png", "loss (NLL)")}
+SPLITS = ("train", "test")
+
+
+def read_history(live_dir: str | Path) -> pd.DataFrame:
+    """One row per epoch, with columns train/acc, test/acc, train/loss, test/loss."""
+    columns = []
+    for split in SPLITS:
+        for metric in CURVES:
+            path = Path(live_dir) / "plots" / "metrics" / split / f"{metric}.tsv"
+            try:
+                frame = pd.read_csv(path, sep="\t", usecols=["step", metric])
+            except FileNotFoundError:
+                raise StageError(f"{path}: per-epoch history not found; run the train "
+                                 "stage (dvc repro train)") from None
+            except (ValueError, pd.errors.ParserError) as err:
+                raise StageError(f"{path}: unreadable history ({err}); rerun the train stage") from None
+            columns.append(frame.set_index("step")[metric].rename(f"{split}/{metric}"))
+    history = pd.concat(columns, axis=1).sort_index()
+    history.index.name = "epoch"
+    if history.empty or history.isna().any().any():
+        raise StageError(f"{live_dir}: per-epoch history is empty or its files disagree on "
+                         "the epochs; rerun the train stage")
+    return history
+
+
+def draw_curves(history: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    paths = []
+    for metric, (name, ylabel) in CURVES.items():
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for split in SPLITS:
+            ax.plot(history.index, history[f"{split}/{metric}"], marker="o", markersize=3,
+                    label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if metric == "acc":
+            best = history["test/acc"].max()
+            ax.set_title(f"best test accuracy {best:.2f}%", fontsize=10)
+        fig.tight_layout()
+        path = Path(out_dir) / name
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("live_dir", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    args = parser.parse_args()
+    for path in draw_curves(read_history(args.live_dir), args.out_dir):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,211 @@
+"""Train stage: fit the 7,776-parameter CNN, testing after every epoch.
+
+Reads:  DATA_DIR/{train,test}.pt and DATA_DIR/stats.json (from preprocess).
+Writes: MODELS_DIR/model.pt (final) and best.pt (best test epoch), checkpoints that
+        rebuild the model; MODELS_DIR/state.pt (resumable state, each epoch);
+        MODELS_DIR/summary.txt (torchinfo); LIVE_DIR, DVCLive's per-epoch metrics.
+Params: train.*, evaluate.batch_size (the per-epoch test pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from dvclive import Live
+from torchinfo import summary
+from tqdm import tqdm
+
+from stages.common import load_torch, run, save_torch, write_text
+from stages.data import (DeviceData, load_split, load_stats, predict, resolve_device,
+                         rotate, to_device)
+from stages.model import Net, checkpoint, count_params
+from stages.params import TrainParams, load_params
+
+POSTFIX_EVERY = 50  # steps between progress-bar updates (each one syncs the device)
+METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "lr")
+
+
+@dataclass
+class Run:
+    """Everything that changes while training, so that it can be saved and resumed."""
+
+    model: Net
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # batch order and rotation angles
+    epoch: int = 0  # epochs finished
+    history: list[dict] = field(default_factory=list)
+
+    def state_dict(self, fingerprint: str) -> dict:
+        return {
+            "fingerprint": fingerprint,
+            "epoch": self.epoch,
+            "history": self.history,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.epoch, self.history = state["epoch"], list(state["history"])
+
+
+def new_run(p: TrainParams, device: torch.device) -> Run:
+    """A freshly initialised model, optimiser and scheduler, seeded from P."""
+    torch.manual_seed(p.seed)
+    model = Net(dropout=p.dropout).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum,
+                                nesterov=p.nesterov, weight_decay=p.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=p.step_size, gamma=p.gamma)
+    generator = torch.Generator(device=device).manual_seed(p.seed)
+    return Run(model, optimizer, scheduler, generator)
+
+
+def train_epoch(run: Run, data: DeviceData, p: TrainParams, desc: str = "") -> tuple[float, float]:
+    """One pass over DATA in seeded random order; returns (mean loss, accuracy %)."""
+    model, optimizer = run.model, run.optimizer
+    model.train()
+    n = len(data)
+    order = torch.randperm(n, device=data.x.device, generator=run.generator)
+    loss_sum = torch.zeros((), device=data.x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
+    seen = 0
+    bar = tqdm(order.split(p.batch_size), desc=desc, leave=False, unit="batch")
+    for step, idx in enumerate(bar, 1):
+        x, y = data.x[idx], data.y[idx]
+        if p.rotation > 0:
+            x = rotate(x, p.rotation, data.background, run.generator)
+        out = model(x)
+        loss = F.nll_loss(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (out.detach().argmax(dim=1) == y).sum()
+        seen += len(y)
+        if step % POSTFIX_EVERY == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
+                            acc=f"{100 * correct.item() / seen:.2f}%")
+    return loss_sum.item() / n, 100 * correct.item() / n
+
+
+def test_epoch(model: torch.nn.Module, data: DeviceData, batch_size: int) -> tuple[float, float]:
+    """(mean loss, accuracy %) of MODEL on DATA, in eval mode."""
+    out = predict(model, data.x, batch_size)
+    loss = F.nll_loss(out, data.y, reduction="sum").item() / len(data)
+    return loss, 100 * (out.argmax(dim=1) == data.y).sum().item() / len(data)
+
+
+def fit(run: Run, train_data: DeviceData, test_data: DeviceData, p: TrainParams,
+        eval_batch_size: int, on_epoch=None) -> list[dict]:
+    """Train from RUN.epoch to P.epochs, calling ON_EPOCH(run) after each epoch."""
+    while run.epoch < p.epochs:
+        epoch = run.epoch + 1
+        lr = run.optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        train_loss, train_acc = train_epoch(run, train_data, p, desc=f"epoch {epoch}/{p.epochs}")
+        test_loss, test_acc = test_epoch(run.model, test_data, eval_batch_size)
+        seconds = time.perf_counter() - start
+        run.scheduler.step()
+        run.epoch = epoch
+        run.history.append({"epoch": epoch, "train/loss": train_loss, "train/acc": train_acc,
+                            "test/loss": test_loss, "test/acc": test_acc, "lr": lr})
+        tqdm.write(f"epoch {epoch:2d}/{p.epochs}  train loss {train_loss:.4f} "
+                   f"acc {train_acc:6.2f}%  test loss {test_loss:.4f} acc {test_acc:6.2f}%  "
+                   f"lr {lr:.0e}  {seconds:5.1f}s")
+        if on_epoch is not None:
+            on_epoch(run)
+    return run.history
+
+
+def log_epoch(live: Live, row: dict) -> None:
+    live.step = row["epoch"]
+    for name in METRICS:
+        live.log_metric(name, row[name])
+    live.next_step()
+
+
+def restore(run: Run, state_path: Path, p: TrainParams) -> None:
+    """Continue from STATE_PATH when resuming and it was made with the same params."""
+    if not p.resume or not state_path.exists():
+        return
+    state = load_torch(state_path, "resumable training state")
+    if not isinstance(state, dict) or state.get("fingerprint") != p.fingerprint():
+        print(f"{state_path}: made with other params or unreadable; starting from epoch 1")
+        return
+    run.load_state_dict(state)
+    print(f"{state_path}: resuming after epoch {run.epoch}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--live", type=Path, required=True)
+    args = parser.parse_args()
+    params = load_params()
+    p = params.train
+    device = resolve_device(p.device)
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    mean, std = load_stats(args.data / "stats.json")
+    train_data = to_device(*load_split(args.data / "train.pt"), mean, std, device)
+    test_data = to_device(*load_split(args.data / "test.pt"), mean, std, device)
+
+    run_ = new_run(p, device)
+    # zeros in eval mode: the summary must not touch the RNG or BatchNorm statistics
+    info = summary(run_.model, input_data=torch.zeros(1, 1, 28, 28, device=device),
+                   mode="eval", verbose=0, col_names=("output_size", "num_params"))
+    print(info)
+    write_text(args.models / "summary.txt", f"{info}\n")
+    n_params = count_params(run_.model)
+    print(f"device {device}, {n_params} parameters, {len(train_data)} train / "
+          f"{len(test_data)} test images")
+
+    state_path = args.models / "state.pt"
+    restore(run_, state_path, p)
+    model_args = {"dropout": p.dropout}
+    extra = {"params": dataclasses.asdict(p), "normalisation": {"mean": mean, "std": std}}
+    best = max((row["test/acc"] for row in run_.history), default=-1.0)
+
+    with Live(dir=str(args.live), dvcyaml=False, save_dvc_exp=False, report=None) as live:
+        for row in run_.history:  # a resumed run replays its history into a clean folder
+            log_epoch(live, row)
+
+        def on_epoch(r: Run) -> None:
+            nonlocal best
+            row = r.history[-1]
+            log_epoch(live, row)
+            if row["test/acc"] > best:
+                best = row["test/acc"]
+                save_torch(args.models / "best.pt", checkpoint(
+                    r.model, model_args, epoch=r.epoch, test_accuracy=best, **extra))
+            save_torch(state_path, r.state_dict(p.fingerprint()))
+
+        fit(run_, train_data, test_data, p, params.evaluate.batch_size, on_epoch)
+        live.summary["params"] = n_params
+
+    final = run_.history[-1]
+    save_torch(args.models / "model.pt", checkpoint(
+        run_.model, model_args, epoch=run_.epoch, test_accuracy=final["test/acc"], **extra))
+    print(f"final test accuracy {final['test/acc']:.2f}%, best {best:.2f}%")
+
+
+if __name__ == "__main__":
+    run(main)
