@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import urllib.error
@@ -72,6 +73,8 @@ def fetch(source: str, name: str, dest: Path) -> None:
             raise OSError(f"{url}: HTTP {err.code}") from None
         except urllib.error.URLError as err:
             raise OSError(f"{url}: {err.reason}") from None
+        except (http.client.HTTPException, ValueError) as err:
+            raise OSError(f"{url}: {type(err).__name__} {err}".rstrip()) from None
         return
     path = Path(source) / name
     if not path.is_file():

@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +76,8 @@ def _type_ok(value, typ) -> bool:
     if typ is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if typ is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
     return isinstance(value, typ)
 
 
@@ -107,7 +110,7 @@ def _section(cls, name: str, raw) -> object:
         if check is not None and not check(value):
             raise StageError(f"params.yaml: {full} = {value!r} is out of range; "
                              f"allowed: {f.metadata['allowed']}")
-        values[key] = float(value) if typ is float else value
+        values[key] = float(value) if typ is float else value  # finite, so no overflow
     return cls(**values)
 
 
@@ -119,7 +122,7 @@ def parse_params(raw) -> Params:
     sections = {f.name: f for f in dataclasses.fields(Params)}
     for name in raw:
         if name not in sections:
-            raise _unknown(name, list(sections))
+            raise _unknown(str(name), list(sections))
     for name in sections:
         if name not in raw:
             raise StageError(f"params.yaml: section {name} is missing; add it")
@@ -127,13 +130,25 @@ def parse_params(raw) -> Params:
                      for name, f in sections.items()})
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-3 as a float, as YAML 1.2 (and `dvc exp run -S`) do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
         with path.open() as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise StageError(f"{path}: not found; run from the repository root") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise StageError(f"{path}: cannot be read ({err}); fix or restore the file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -33,12 +33,16 @@ def check_header(path: Path, magic: int) -> int:
             header = f.read(4 + 4 * ndim)
     except FileNotFoundError:
         raise StageError(f"{path}: not found; {FIX}") from None
+    except OSError as err:
+        raise StageError(f"{path}: cannot be read ({err.strerror}); {FIX}") from None
     if len(header) < 4 + 4 * ndim:
         raise StageError(f"{path}: truncated IDX header ({size} bytes); {FIX}")
     found, count, *dims = struct.unpack(f">{1 + ndim}I", header)
     if found != magic:
         raise StageError(f"{path}: magic number {found} is not {magic}, so this is not an "
                          f"MNIST {'image' if ndim == 3 else 'label'} file; {FIX}")
+    if count == 0:
+        raise StageError(f"{path}: header says the file holds no items; {FIX}")
     if dims and dims != [SIDE, SIDE]:
         raise StageError(f"{path}: images are {dims[0]}x{dims[1]}, expected {SIDE}x{SIDE}; {FIX}")
     expected = len(header) + count * SIDE * SIDE if ndim == 3 else len(header) + count
@@ -59,7 +63,7 @@ def read_split(raw_dir: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
                          f"{n_labels} labels; the counts must agree; {FIX}")
     images = read_image_file(str(image_path))
     labels = read_label_file(str(label_path))
-    if labels.numel() and int(labels.max()) > 9:
+    if int(labels.max()) > 9:
         bad = int((labels > 9).nonzero()[0])
         raise StageError(f"{label_path}: label {int(labels[bad])} at index {bad} is not a "
                          f"digit 0-9; {FIX}")

@@ -21,7 +21,7 @@ from dvclive import Live
 from torchinfo import summary
 from tqdm import tqdm
 
-from stages.common import load_torch, run, save_torch, write_text
+from stages.common import StageError, load_torch, run, save_torch, write_text
 from stages.data import (DeviceData, load_split, load_stats, predict, resolve_device,
                          rotate, to_device)
 from stages.model import Net, checkpoint, count_params
@@ -36,17 +36,20 @@ class Run:
     """Everything that changes while training, so that it can be saved and resumed."""
 
     model: Net
+    net: torch.nn.Module  # what runs the batches: MODEL itself or its torch.compile wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # batch order and rotation angles
     epoch: int = 0  # epochs finished
     history: list[dict] = field(default_factory=list)
+    best: dict | None = None  # checkpoint of the best test epoch so far
 
     def state_dict(self, fingerprint: str) -> dict:
         return {
             "fingerprint": fingerprint,
             "epoch": self.epoch,
             "history": self.history,
+            "best": self.best,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -63,24 +66,34 @@ class Run:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.epoch, self.history = state["epoch"], list(state["history"])
+        self.epoch, self.history, self.best = state["epoch"], list(state["history"]), state["best"]
+
+
+def switch(value: str, device: torch.device) -> bool:
+    """`auto` turns a speed option on for CUDA, where it pays, and off on the CPU."""
+    return device.type == "cuda" if value == "auto" else value == "on"
 
 
 def new_run(p: TrainParams, device: torch.device) -> Run:
     """A freshly initialised model, optimiser and scheduler, seeded from P."""
     torch.manual_seed(p.seed)
     model = Net(dropout=p.dropout).to(device)
+    if switch(p.channels_last, device):
+        model = model.to(memory_format=torch.channels_last)
+    # CUDA graphs ("reduce-overhead") remove the launch cost of this tiny model's kernels
+    net = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None,
+                        dynamic=False) if switch(p.compile, device) else model
     optimizer = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum,
                                 nesterov=p.nesterov, weight_decay=p.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=p.step_size, gamma=p.gamma)
     generator = torch.Generator(device=device).manual_seed(p.seed)
-    return Run(model, optimizer, scheduler, generator)
+    return Run(model, net, optimizer, scheduler, generator)
 
 
 def train_epoch(run: Run, data: DeviceData, p: TrainParams, desc: str = "") -> tuple[float, float]:
     """One pass over DATA in seeded random order; returns (mean loss, accuracy %)."""
-    model, optimizer = run.model, run.optimizer
-    model.train()
+    net, optimizer = run.net, run.optimizer
+    net.train()
     n = len(data)
     order = torch.randperm(n, device=data.x.device, generator=run.generator)
     loss_sum = torch.zeros((), device=data.x.device)
@@ -91,7 +104,7 @@ def train_epoch(run: Run, data: DeviceData, p: TrainParams, desc: str = "") -> t
         x, y = data.x[idx], data.y[idx]
         if p.rotation > 0:
             x = rotate(x, p.rotation, data.background, run.generator)
-        out = model(x)
+        out = net(x)
         loss = F.nll_loss(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,7 +133,7 @@ def fit(run: Run, train_data: DeviceData, test_data: DeviceData, p: TrainParams,
         lr = run.optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
         train_loss, train_acc = train_epoch(run, train_data, p, desc=f"epoch {epoch}/{p.epochs}")
-        test_loss, test_acc = test_epoch(run.model, test_data, eval_batch_size)
+        test_loss, test_acc = test_epoch(run.net, test_data, eval_batch_size)
         seconds = time.perf_counter() - start
         run.scheduler.step()
         run.epoch = epoch
@@ -145,12 +158,16 @@ def restore(run: Run, state_path: Path, p: TrainParams) -> None:
     """Continue from STATE_PATH when resuming and it was made with the same params."""
     if not p.resume or not state_path.exists():
         return
-    state = load_torch(state_path, "resumable training state")
+    try:
+        state = load_torch(state_path, "resumable training state")
+    except StageError:
+        print(f"{state_path}: unreadable resumable state, ignored; starting from epoch 1")
+        return
     if not isinstance(state, dict) or state.get("fingerprint") != p.fingerprint():
-        print(f"{state_path}: made with other params or unreadable; starting from epoch 1")
+        print(f"{state_path}: made with other params, ignored; starting from epoch 1")
         return
     run.load_state_dict(state)
-    print(f"{state_path}: resuming after epoch {run.epoch}")
+    print(f"{state_path}: resuming after epoch {run.epoch} of {p.epochs}")
 
 
 def main() -> None:
@@ -165,8 +182,9 @@ def main() -> None:
     if p.threads:
         torch.set_num_threads(p.threads)
     mean, std = load_stats(args.data / "stats.json")
-    train_data = to_device(*load_split(args.data / "train.pt"), mean, std, device)
-    test_data = to_device(*load_split(args.data / "test.pt"), mean, std, device)
+    channels_last = switch(p.channels_last, device)
+    train_data = to_device(*load_split(args.data / "train.pt"), mean, std, device, channels_last)
+    test_data = to_device(*load_split(args.data / "test.pt"), mean, std, device, channels_last)
 
     run_ = new_run(p, device)
     # zeros in eval mode: the summary must not touch the RNG or BatchNorm statistics
@@ -176,35 +194,37 @@ def main() -> None:
     write_text(args.models / "summary.txt", f"{info}\n")
     n_params = count_params(run_.model)
     print(f"device {device}, {n_params} parameters, {len(train_data)} train / "
-          f"{len(test_data)} test images")
+          f"{len(test_data)} test images, channels_last {channels_last}, "
+          f"compile {switch(p.compile, device)}, {torch.get_num_threads()} CPU threads")
 
     state_path = args.models / "state.pt"
     restore(run_, state_path, p)
-    model_args = {"dropout": p.dropout}
-    extra = {"params": dataclasses.asdict(p), "normalisation": {"mean": mean, "std": std}}
-    best = max((row["test/acc"] for row in run_.history), default=-1.0)
+    best_path = args.models / "best.pt"
+    if run_.best is not None:
+        save_torch(best_path, run_.best)
+
+    def make_checkpoint(r: Run) -> dict:
+        return checkpoint(r.model, {"dropout": p.dropout}, epoch=r.epoch,
+                          test_accuracy=r.history[-1]["test/acc"],
+                          params=dataclasses.asdict(p), normalisation={"mean": mean, "std": std})
 
     with Live(dir=str(args.live), dvcyaml=False, save_dvc_exp=False, report=None) as live:
         for row in run_.history:  # a resumed run replays its history into a clean folder
             log_epoch(live, row)
 
         def on_epoch(r: Run) -> None:
-            nonlocal best
-            row = r.history[-1]
-            log_epoch(live, row)
-            if row["test/acc"] > best:
-                best = row["test/acc"]
-                save_torch(args.models / "best.pt", checkpoint(
-                    r.model, model_args, epoch=r.epoch, test_accuracy=best, **extra))
+            log_epoch(live, r.history[-1])
+            if r.best is None or r.history[-1]["test/acc"] > r.best["test_accuracy"]:
+                r.best = make_checkpoint(r)
+                save_torch(best_path, r.best)
             save_torch(state_path, r.state_dict(p.fingerprint()))
 
         fit(run_, train_data, test_data, p, params.evaluate.batch_size, on_epoch)
         live.summary["params"] = n_params
 
-    final = run_.history[-1]
-    save_torch(args.models / "model.pt", checkpoint(
-        run_.model, model_args, epoch=run_.epoch, test_accuracy=final["test/acc"], **extra))
-    print(f"final test accuracy {final['test/acc']:.2f}%, best {best:.2f}%")
+    save_torch(args.models / "model.pt", make_checkpoint(run_))
+    print(f"final test accuracy {run_.history[-1]['test/acc']:.2f}%, "
+          f"best {run_.best['test_accuracy']:.2f}% (epoch {run_.best['epoch']})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,149 @@
+"""Training throughput: this project's loop against the usual DataLoader pipeline.
+
+Run from the repository root after `dvc repro preprocess`:
+
+    python -m benchmarks.train_speed [--batches N] [--json]
+
+In one process it measures training images per second for
+  (a) project:  stages.train's loop: device-resident data, seeded randperm batches,
+                batched rotation on the device, then the per-epoch test pass;
+  (b) baseline: torchvision's MNIST dataset with RandomRotation, ToTensor and
+                Normalize in a DataLoader, the same model and optimiser, then a test pass;
+  (c) ceiling:  the same training step on resident batches, no augmentation, no test pass.
+(a) and (b) count the test pass, as a real epoch does. All use params.yaml's train section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+
+from stages.data import load_split, load_stats, resolve_device, to_device
+from stages.params import load_params
+from stages.train import new_run, switch, test_epoch, train_epoch
+
+MNIST_RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds FN takes, with the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def torchvision_root(raw_dir: Path) -> Path:
+    """A folder laid out as torchvision's MNIST expects, linking to RAW_DIR's files."""
+    root = Path(tempfile.mkdtemp(prefix="mnist-tv-"))
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    for name in MNIST_RAW:
+        os.symlink((raw_dir / name).resolve(), root / "MNIST" / "raw" / name)
+    return root
+
+
+def baseline_epoch(p, raw_dir: Path, mean: float, std: float, device: torch.device,
+                   n_train: int, n_test: int, eval_batch_size: int, workers: int) -> float:
+    """Seconds for one DataLoader epoch of N_TRAIN images plus a test pass of N_TEST."""
+    root = torchvision_root(raw_dir)
+    normalise = [transforms.ToTensor(), transforms.Normalize((mean,), (std,))]
+    train_set = datasets.MNIST(root, train=True, transform=transforms.Compose(
+        [transforms.RandomRotation((-p.rotation, p.rotation), fill=0)] + normalise))
+    test_set = datasets.MNIST(root, train=False, transform=transforms.Compose(normalise))
+    loader_args = dict(num_workers=workers, pin_memory=device.type == "cuda",
+                       persistent_workers=False)
+    train_loader = DataLoader(Subset(train_set, range(n_train)), batch_size=p.batch_size,
+                              shuffle=True, **loader_args)
+    test_loader = DataLoader(Subset(test_set, range(n_test)), batch_size=eval_batch_size,
+                             **loader_args)
+    run = new_run(dataclasses.replace(p, compile="off", channels_last="off"), device)
+    model, optimizer = run.model, run.optimizer
+
+    def epoch() -> None:
+        model.train()
+        for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.nll_loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.inference_mode():
+            for x, y in test_loader:
+                model(x.to(device)).argmax(dim=1).eq(y.to(device)).sum().item()
+
+    return timed(epoch, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
+    parser.add_argument("--batches", type=int, default=0,
+                        help="training batches per measurement (default: a whole epoch)")
+    parser.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
+    parser.add_argument("--json", action="store_true", help="end with one line of JSON")
+    args = parser.parse_args()
+
+    params = load_params()
+    p, eval_bs = params.train, params.evaluate.batch_size
+    device = resolve_device(p.device)
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    mean, std = load_stats(args.data / "stats.json")
+    images, labels = load_split(args.data / "train.pt")
+    test_images, test_labels = load_split(args.data / "test.pt")
+    n_train = len(labels) if not args.batches else min(len(labels), args.batches * p.batch_size)
+    n_test = round(len(test_labels) * n_train / len(labels))  # the test pass, pro rata
+    cl = switch(p.channels_last, device)
+    train_data = to_device(images[:n_train], labels[:n_train], mean, std, device, cl)
+    test_data = to_device(test_images[:n_test], test_labels[:n_test], mean, std, device, cl)
+
+    warm = to_device(images[:4 * p.batch_size], labels[:4 * p.batch_size], mean, std, device, cl)
+    project = new_run(p, device)
+    ceiling = new_run(p, device)
+    no_aug = dataclasses.replace(p, rotation=0.0)
+    for r, q in ((project, p), (ceiling, no_aug)):  # compile and warm both up
+        train_epoch(r, warm, q)
+        test_epoch(r.net, warm, eval_bs)
+
+    seconds = {
+        "project": timed(lambda: (train_epoch(project, train_data, p),
+                                  test_epoch(project.net, test_data, eval_bs)), device),
+        "baseline": baseline_epoch(p, args.raw, mean, std, device, n_train, n_test, eval_bs,
+                                   args.workers),
+        "ceiling": timed(lambda: train_epoch(ceiling, train_data, no_aug), device),
+    }
+    rate = {k: n_train / s for k, s in seconds.items()}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"cpu ({torch.get_num_threads()} threads)")
+    print(f"device {name}, torch {torch.__version__}, {n_train} training images"
+          f"{f' + {n_test} test' if n_test else ''} per measurement")
+    print(f"{'pipeline':<10}{'seconds':>9}{'images/s':>10}{'vs baseline':>13}{'vs ceiling':>12}")
+    for key, label in (("project", "(a) project"), ("baseline", "(b) baseline"),
+                       ("ceiling", "(c) ceiling")):
+        print(f"{label:<10}{seconds[key]:>9.2f}{rate[key]:>10.0f}"
+              f"{rate[key] / rate['baseline']:>12.2f}x{rate[key] / rate['ceiling']:>11.2f}x")
+    if args.json:
+        print(json.dumps({"project_img_s": round(rate["project"], 1),
+                          "baseline_img_s": round(rate["baseline"], 1),
+                          "ceiling_img_s": round(rate["ceiling"], 1),
+                          "device": name, "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()

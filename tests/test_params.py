@@ -1,0 +1,146 @@
+"""stages.params: params.yaml is checked as a whole, with one clear line per problem."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO, assert_one_line_error, run_stage
+from stages.common import StageError
+from stages.params import Params, TrainParams, load_params, parse_params
+
+PARAMS_YAML = REPO / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    """The repo's params.yaml as loaded; tests change deep copies of it."""
+    with PARAMS_YAML.open() as f:
+        return yaml.safe_load(f)
+
+
+def test_repo_params_load(raw):
+    params = load_params(PARAMS_YAML)
+    assert isinstance(params, Params)
+    for section in ("train", "evaluate"):
+        assert set(raw[section]) == {f.name for f in dataclasses.fields(getattr(params, section))}
+        for key, value in raw[section].items():
+            assert getattr(getattr(params, section), key) == value, f"{section}.{key}"
+    assert isinstance(params.train.lr, float) and isinstance(params.train.epochs, int)
+
+
+def test_float_params_given_as_integers_become_floats(raw):
+    changed = copy.deepcopy(raw)
+    changed["train"]["lr"] = 1
+    lr = parse_params(changed).train.lr
+    assert lr == 1.0 and type(lr) is float
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("lr", 0, "is out of range; allowed: a number > 0"),
+    ("lr", -0.1, "is out of range; allowed: a number > 0"),
+    ("lr", "fast", "is not a number"),
+    ("epochs", 0, "is out of range; allowed: an integer >= 1"),
+    ("epochs", 2.0, "is not an integer"),
+    ("dropout", 1.0, "is out of range; allowed: a number in [0, 1)"),
+    ("batch_size", 12.5, "is not an integer"),
+    ("batch_size", True, "is not an integer"),
+    ("momentum", 1.0, "is out of range; allowed: a number in [0, 1)"),
+    ("rotation", -1, "is out of range; allowed: degrees in [0, 180]"),
+    ("gamma", 0, "is out of range; allowed: a number in (0, 1]"),
+    ("device", "tpu", "is out of range; allowed: auto or cpu or cuda"),
+    ("nesterov", "yes", "is not true or false"),
+    ("compile", True, "is not a string"),
+])
+def test_bad_train_value(raw, key, value, problem):
+    bad = copy.deepcopy(raw)
+    bad["train"][key] = value
+    with pytest.raises(StageError) as err:
+        parse_params(bad)
+    assert str(err.value).startswith(f"params.yaml: train.{key} = {value!r} {problem}")
+
+
+def test_bad_evaluate_value(raw):
+    bad = copy.deepcopy(raw)
+    bad["evaluate"]["batch_size"] = 0
+    with pytest.raises(StageError, match=r"^params\.yaml: evaluate\.batch_size = 0 is out of"):
+        parse_params(bad)
+
+
+def edit(raw, change) -> dict:
+    changed = copy.deepcopy(raw)
+    change(changed)
+    return changed
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["train"].update(dropuot=r["train"].pop("dropout")),
+     "params.yaml: unknown key train.dropuot; did you mean train.dropout? allowed: train.epochs, "),
+    (lambda r: r["train"].pop("lr"),
+     "params.yaml: train.lr is missing; add it (a number > 0)"),
+    (lambda r: r["evaluate"].pop("max_errors"),
+     "params.yaml: evaluate.max_errors is missing; add it (an integer >= 0"),
+    (lambda r: r.update(optimiser={"lr": 0.1}),
+     "params.yaml: unknown key optimiser; allowed: train, evaluate"),
+    (lambda r: r.pop("evaluate"),
+     "params.yaml: section evaluate is missing; add it"),
+    (lambda r: r.update(train=[0.01, 0.9]),
+     "params.yaml: train must be a mapping of keys to values, got [0.01, 0.9]"),
+    (lambda r: r.update(evaluate=None),
+     "params.yaml: evaluate must be a mapping of keys to values, got None"),
+], ids=["misspelt key", "missing key", "missing evaluate key", "unknown section",
+        "missing section", "section not a mapping", "empty section"])
+def test_bad_structure(raw, change, message):
+    with pytest.raises(StageError) as err:
+        parse_params(edit(raw, change))
+    assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("value", [None, [], "train: {}", 3])
+def test_file_not_a_mapping(value):
+    with pytest.raises(StageError, match=r"^params\.yaml: the file must be a mapping with the "
+                                         r"sections train, evaluate$"):
+        parse_params(value)
+
+
+def test_load_params_missing_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    with pytest.raises(StageError, match=r"not found; run from the repository root$") as err:
+        load_params(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_load_params_invalid_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: [1\n")
+    with pytest.raises(StageError) as err:
+        load_params(path)
+    assert str(err.value).startswith(f"{path}: not valid YAML at line ")
+    assert str(err.value).endswith("; fix the syntax")
+
+
+# --- fingerprint ----------------------------------------------------------------
+
+def test_fingerprint_ignores_resume_but_not_lr():
+    p = load_params(PARAMS_YAML).train
+    resumed = dataclasses.replace(p, resume=not p.resume)
+    assert resumed.fingerprint() == p.fingerprint()
+    assert dataclasses.replace(p, lr=p.lr * 2).fingerprint() != p.fingerprint()
+    assert dataclasses.replace(p, seed=p.seed + 1).fingerprint() != p.fingerprint()
+    assert isinstance(p, TrainParams) and p.fingerprint() == load_params(PARAMS_YAML).train.fingerprint()
+
+
+# --- a stage fails on bad params before doing any work ---------------------------
+
+def test_train_command_rejects_a_bad_lr(tmp_path):
+    text, n = re.subn(r"(?m)^(  lr:).*$", r"\1 -1", PARAMS_YAML.read_text())
+    assert n == 1
+    (tmp_path / "params.yaml").write_text(text)
+    proc = run_stage("stages.train", "--data", "x", "--models", "y", "--live", "z", cwd=tmp_path)
+    line = assert_one_line_error(proc)
+    assert line == "error: params.yaml: train.lr = -1 is out of range; allowed: a number > 0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
