@@ -73,7 +73,8 @@ def rotate(x: torch.Tensor, max_degrees: float, background: float,
            generator: torch.Generator) -> torch.Tensor:
     """Rotate each image by its own angle, uniform in ±MAX_DEGREES, in one batched op.
 
-    Pixels rotated in from outside the frame take the background value.
+    Nearest-neighbour sampling, as torchvision's RandomRotation does by default;
+    pixels rotated in from outside the frame take the background value.
     """
     n = x.shape[0]
     angles = torch.rand(n, device=x.device, generator=generator, dtype=x.dtype)
@@ -81,7 +82,7 @@ def rotate(x: torch.Tensor, max_degrees: float, background: float,
     cos, sin, zero = angles.cos(), angles.sin(), torch.zeros_like(angles)
     theta = torch.stack([cos, -sin, zero, sin, cos, zero], dim=1).view(n, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x - background, grid, align_corners=False) + background
+    return F.grid_sample(x - background, grid, mode="nearest", align_corners=False) + background
 
 
 @torch.inference_mode()

@@ -50,6 +50,7 @@ class TrainParams:
     threads: int = _rule(lambda v: v >= 0, "an integer >= 0; 0 keeps torch's default")
     channels_last: str = _rule(lambda v: v in SWITCHES, " or ".join(SWITCHES))
     compile: str = _rule(lambda v: v in SWITCHES, " or ".join(SWITCHES))
+    fast_dropout: str = _rule(lambda v: v in SWITCHES, " or ".join(SWITCHES))
 
     def fingerprint(self) -> str:
         """Hash of the params that shape the result; `resume` is not one of them."""
