@@ -6,16 +6,20 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 PYTHON ?= python3
+# The install stamp is keyed on requirements.txt's content, not its timestamp.
+STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-16)
+JOBS ?= 1
 
-.PHONY: setup repro test steps bench clean-venv
+.PHONY: setup repro test steps bench
 
-$(VENV)/.installed: requirements.txt
+$(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	rm -f $(VENV)/.installed-*
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(STAMP)
 
 repro: setup
 	dvc repro
@@ -23,5 +27,8 @@ repro: setup
 test: setup
 	python -m pytest -q tests
 
-clean-venv:
-	rm -rf $(VENV)
+steps: setup
+	python -m experiments.steps run --jobs $(JOBS)
+
+bench: setup
+	python -m benchmarks.train_speed

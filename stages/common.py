@@ -26,6 +26,7 @@ class StageError(Exception):
 
 def run(main: Callable[[], None]) -> None:
     """Run a stage's main(), turning StageError into one line on stderr and exit 1."""
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
         main()
     except StageError as err:

@@ -90,6 +90,7 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.T
     """Log-probabilities (N, 10) for all of X, in batches, in eval mode."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(xb) for xb in x.split(batch_size)])
+    # clone: a CUDA-graphed model reuses its output buffer on the next batch
+    out = torch.cat([model(xb).clone() for xb in x.split(batch_size)])
     model.train(was_training)
     return out

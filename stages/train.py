@@ -102,6 +102,7 @@ def train_epoch(run: Run, data: DeviceData, p: TrainParams, desc: str = "") -> t
     seen = 0
     bar = tqdm(order.split(p.batch_size), desc=desc, leave=False, unit="batch")
     for step, idx in enumerate(bar, 1):
+        torch.compiler.cudagraph_mark_step_begin()  # a new training step for CUDA graphs
         x, y = data.x[idx], data.y[idx]
         if p.rotation > 0:
             x = rotate(x, p.rotation, data.background, run.generator)

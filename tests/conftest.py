@@ -17,6 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# The tests' tensors are tiny: one thread is faster, and does not fight a training
+# run in the background for the cores.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # so `import stages` works however pytest is started
@@ -118,6 +123,7 @@ def run_stage(module: str, *args: str, cwd: Path, env: dict[str, str] | None = N
     """Run `python -m MODULE ARGS` in CWD with the repo importable; capture its output."""
     full_env = {k: v for k, v in os.environ.items() if k != "MNIST_MIRROR"}
     full_env["PYTHONPATH"] = str(REPO)
+    full_env["OMP_NUM_THREADS"] = "1"
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,115 @@
+"""The notebook's three steps as named DVC experiments.
+
+    python -m experiments.steps check           # validate experiments/steps.yaml
+    python -m experiments.steps run [--jobs N]  # run step-1..3, then compare them
+    python -m experiments.steps compare         # only the comparison
+
+`run` uses `dvc exp run -n step-N -S key=value ...`; with --jobs above 1 it queues
+the steps and starts N queue workers, each with OMP_NUM_THREADS set so that the
+workers share the cores instead of fighting over them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from stages.common import StageError, run as run_main
+from stages.params import _Loader, parse_params
+
+STEPS_FILE = Path(__file__).with_name("steps.yaml")
+FIELDS = {"title", "params", "target", "notebook", "analysis"}
+
+
+def load_steps(path: Path = STEPS_FILE, params_path: Path = Path("params.yaml")) -> dict:
+    """Steps by name, each checked: known fields, and overrides that params.yaml accepts."""
+    with path.open() as f:
+        steps = yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    with params_path.open() as f:
+        base = yaml.load(f, Loader=_Loader)  # noqa: S506
+    if not isinstance(steps, dict) or not steps:
+        raise StageError(f"{path}: expected a mapping of step names to steps")
+    for name, step in steps.items():
+        if not isinstance(step, dict) or set(step) != FIELDS:
+            raise StageError(f"{path}: {name} must have exactly the fields {sorted(FIELDS)}")
+        if not isinstance(step["params"], dict) or not step["params"]:
+            raise StageError(f"{path}: {name}.params must map params.yaml keys to values")
+        merged = copy.deepcopy(base)
+        for key, value in step["params"].items():
+            section, _, leaf = str(key).partition(".")
+            if section not in merged or not leaf or leaf not in merged[section]:
+                raise StageError(f"{path}: {name} sets {key}, which params.yaml does not have")
+            merged[section][leaf] = value
+        try:
+            parse_params(merged)
+        except StageError as err:
+            raise StageError(f"{path}: {name}: {err}") from None
+    return steps
+
+
+def overrides(step: dict) -> list[str]:
+    return [arg for key, value in step["params"].items() for arg in ("-S", f"{key}={value}")]
+
+
+def sh(*cmd: str, env: dict | None = None) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def wait_for_queue(poll_s: float = 15) -> None:
+    while True:
+        status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True,
+                                check=True).stdout
+        if not any(word in status for word in ("Running", "Queued")):
+            print(status)
+            return
+        time.sleep(poll_s)
+
+
+def run_steps(steps: dict, jobs: int) -> None:
+    if jobs <= 1:
+        for name, step in steps.items():
+            sh("dvc", "exp", "run", "-n", name, *overrides(step))
+        return
+    for name, step in steps.items():
+        sh("dvc", "exp", "run", "--queue", "-n", name, *overrides(step))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    sh("dvc", "queue", "start", "--jobs", str(jobs),
+       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    wait_for_queue()
+
+
+def compare(steps: dict) -> None:
+    names = list(steps)
+    sh("dvc", "exp", "show", "--only-changed", "--drop", "per_class|Created|State|Executor")
+    sh("dvc", "metrics", "diff", names[0], names[-1])
+    sh("dvc", "params", "diff", names[0], names[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("check", "run", "compare"))
+    parser.add_argument("--jobs", type=int, default=1, help="parallel queue workers")
+    args = parser.parse_args()
+    steps = load_steps()
+    if args.command == "check":
+        for name, step in steps.items():
+            print(f"{name}: {step['title']}: {' '.join(overrides(step)[1::2])}")
+        return
+    try:
+        if args.command == "run":
+            run_steps(steps, args.jobs)
+        compare(steps)
+    except subprocess.CalledProcessError as err:
+        raise StageError(f"`{' '.join(err.cmd)}` failed with exit {err.returncode}") from None
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,51 @@
+"""experiments/steps.yaml is well formed and names real params, with valid values."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import REPO
+from experiments.steps import STEPS_FILE, load_steps, overrides
+from stages.common import StageError
+
+PARAMS = REPO / "params.yaml"
+
+
+def test_the_three_steps_load_and_step_3_is_params_yaml():
+    steps = load_steps(STEPS_FILE, PARAMS)
+    assert list(steps) == ["step-1", "step-2", "step-3"]
+    base = yaml.safe_load(PARAMS.read_text())
+    for key, value in steps["step-3"]["params"].items():
+        section, leaf = key.split(".")
+        assert base[section][leaf] == value, key
+    assert overrides(steps["step-2"])[:2] == ["-S", "train.rotation=7.0"]
+
+
+def write_steps(tmp_path, **step_params):
+    steps = yaml.safe_load(STEPS_FILE.read_text())
+    steps["step-2"]["params"].update(step_params)
+    path = tmp_path / "steps.yaml"
+    path.write_text(yaml.safe_dump(steps))
+    return path
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"train.dropuot": 0.1}, "step-2 sets train.dropuot, which params.yaml does not have"),
+    ({"trian.dropout": 0.1}, "step-2 sets trian.dropout"),
+    ({"train": 0.1}, "step-2 sets train,"),
+    ({"train.dropout": 1.5}, "step-2: params.yaml: train.dropout = 1.5 is out of range"),
+    ({"train.epochs": "ten"}, "step-2: params.yaml: train.epochs = 'ten' is not an integer"),
+])
+def test_a_bad_override_fails_before_any_run(tmp_path, params, message):
+    with pytest.raises(StageError, match=message):
+        load_steps(write_steps(tmp_path, **params), PARAMS)
+
+
+def test_a_step_missing_a_field_fails(tmp_path):
+    steps = yaml.safe_load(STEPS_FILE.read_text())
+    del steps["step-1"]["analysis"]
+    path = tmp_path / "steps.yaml"
+    path.write_text(yaml.safe_dump(steps))
+    with pytest.raises(StageError, match="step-1 must have exactly the fields"):
+        load_steps(path, PARAMS)
