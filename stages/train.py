@@ -225,6 +225,9 @@ def main() -> None:
 
         fit(run_, train_data, test_data, p, params.evaluate.batch_size, on_epoch)
         live.summary["params"] = n_params
+        live.summary["best"] = {"test_acc": run_.best["test_accuracy"],
+                                "epoch": run_.best["epoch"],
+                                "train_acc": max(row["train/acc"] for row in run_.history)}
 
     save_torch(args.models / "model.pt", make_checkpoint(run_))
     print(f"final test accuracy {run_.history[-1]['test/acc']:.2f}%, "
