@@ -13,18 +13,15 @@ import argparse
 import math
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from stages.common import atomic_path, load_torch, run, write_json  # noqa: E402
-from stages.data import load_split, load_stats, predict, resolve_device, to_device  # noqa: E402
-from stages.model import count_params, from_checkpoint  # noqa: E402
-from stages.params import load_params  # noqa: E402
+from stages.common import atomic_path, load_torch, run, write_json
+from stages.data import load_split, load_stats, predict, resolve_device, to_device
+from stages.figures import plt, save_png
+from stages.model import count_params, from_checkpoint
+from stages.params import load_params
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -70,9 +67,7 @@ def draw_errors(path: Path, images: torch.Tensor, labels: torch.Tensor, pred: to
         axes[0, 0].text(0.5, 0.5, "no errors", ha="center", va="center")
     fig.suptitle(f"misclassified test digits (true→predicted), {len(wrong)} shown", fontsize=9)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main() -> None:

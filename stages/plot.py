@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from stages.common import StageError, atomic_path, run  # noqa: E402
+from stages.common import StageError, run
+from stages.figures import plt, save_png
 
 CURVES = {"acc": ("accuracy.png", "accuracy (%)"), "loss": ("loss.png", "loss (NLL)")}
 SPLITS = ("train", "test")
@@ -60,9 +57,7 @@ def draw_curves(history: pd.DataFrame, out_dir: str | Path) -> list[Path]:
             ax.set_title(f"best test accuracy {best:.2f}%", fontsize=10)
         fig.tight_layout()
         path = Path(out_dir) / name
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80)
-        plt.close(fig)
+        save_png(fig, path)
         paths.append(path)
     return paths
 
