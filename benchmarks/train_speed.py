@@ -30,7 +30,7 @@ from torchvision import datasets, transforms
 
 from stages.data import load_split, load_stats, resolve_device, to_device
 from stages.params import load_params
-from stages.train import new_run, switch, test_epoch, train_epoch
+from stages.train import new_run, test_epoch, train_epoch
 
 MNIST_RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -47,19 +47,19 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def torchvision_root(raw_dir: Path) -> Path:
-    """A folder laid out as torchvision's MNIST expects, linking to RAW_DIR's files."""
-    root = Path(tempfile.mkdtemp(prefix="mnist-tv-"))
-    (root / "MNIST" / "raw").mkdir(parents=True)
+def torchvision_root(raw_dir: Path, root: Path) -> Path:
+    """Lay ROOT out as torchvision's MNIST expects, linking to RAW_DIR's files."""
+    (root / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
     for name in MNIST_RAW:
-        os.symlink((raw_dir / name).resolve(), root / "MNIST" / "raw" / name)
+        link = root / "MNIST" / "raw" / name
+        if not link.exists():
+            os.symlink((raw_dir / name).resolve(), link)
     return root
 
 
-def baseline_epoch(p, raw_dir: Path, mean: float, std: float, device: torch.device,
+def baseline_epoch(p, root: Path, mean: float, std: float, device: torch.device,
                    n_train: int, n_test: int, eval_batch_size: int, workers: int) -> float:
     """Seconds for one DataLoader epoch of N_TRAIN images plus a test pass of N_TEST."""
-    root = torchvision_root(raw_dir)
     normalise = [transforms.ToTensor(), transforms.Normalize((mean,), (std,))]
     train_set = datasets.MNIST(root, train=True, transform=transforms.Compose(
         [transforms.RandomRotation((-p.rotation, p.rotation), fill=0)] + normalise))
@@ -111,26 +111,34 @@ def main() -> None:
     test_images, test_labels = load_split(args.data / "test.pt")
     n_train = len(labels) if not args.batches else min(len(labels), args.batches * p.batch_size)
     n_test = round(len(test_labels) * n_train / len(labels))  # the test pass, pro rata
-    cl = switch(p.channels_last, device)
-    train_data = to_device(images[:n_train], labels[:n_train], mean, std, device, cl)
-    test_data = to_device(test_images[:n_test], test_labels[:n_test], mean, std, device, cl)
+    train_data = to_device(images[:n_train], labels[:n_train], mean, std, device)
+    test_data = to_device(test_images[:n_test], test_labels[:n_test], mean, std, device)
 
-    warm = to_device(images[:4 * p.batch_size], labels[:4 * p.batch_size], mean, std, device, cl)
+    # warm-up sets with the measured batch shapes, the last partial batch included, so
+    # that compiling and CUDA-graph recording happen before any timing
+    n_warm = 2 * p.batch_size + n_train % p.batch_size
+    n_warm_test = eval_bs + n_test % eval_bs
+    warm = to_device(images[:n_warm], labels[:n_warm], mean, std, device)
+    warm_test = to_device(test_images[:n_warm_test], test_labels[:n_warm_test], mean, std,
+                          device)
     project = new_run(p, device)
     ceiling = new_run(p, device)
     no_aug = dataclasses.replace(p, rotation=0.0)
-    for r, q in ((project, p), (ceiling, no_aug)):  # compile and warm both up
-        train_epoch(r, warm, q)
-        test_epoch(r.net, warm, eval_bs)
+    for r, q in ((project, p), (ceiling, no_aug)):
+        for _ in range(2):
+            train_epoch(r, warm, q)
+            test_epoch(r.net, warm_test, eval_bs)
 
     measure = {
         "project": lambda: timed(lambda: (train_epoch(project, train_data, p),
                                           test_epoch(project.net, test_data, eval_bs)), device),
-        "baseline": lambda: baseline_epoch(p, args.raw, mean, std, device, n_train, n_test,
+        "baseline": lambda: baseline_epoch(p, tv_root, mean, std, device, n_train, n_test,
                                            eval_bs, args.workers),
         "ceiling": lambda: timed(lambda: train_epoch(ceiling, train_data, no_aug), device),
     }
-    rounds = [{k: fn() for k, fn in measure.items()} for _ in range(args.repeat)]
+    with tempfile.TemporaryDirectory(prefix="mnist-tv-") as tmp:
+        tv_root = torchvision_root(args.raw, Path(tmp))
+        rounds = [{k: fn() for k, fn in measure.items()} for _ in range(args.repeat)]
     seconds = {k: min(r[k] for r in rounds) for k in measure}
     rate = {k: n_train / s for k, s in seconds.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (

@@ -28,12 +28,18 @@ STEPS_FILE = Path(__file__).with_name("steps.yaml")
 FIELDS = {"title", "params", "target", "notebook", "analysis"}
 
 
+def read_yaml(path: Path):
+    try:
+        with path.open() as f:
+            return yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except (OSError, yaml.YAMLError) as err:
+        raise StageError(f"{path}: cannot be read as YAML ({type(err).__name__}); "
+                         "fix or restore the file") from None
+
+
 def load_steps(path: Path = STEPS_FILE, params_path: Path = Path("params.yaml")) -> dict:
     """Steps by name, each checked: known fields, and overrides that params.yaml accepts."""
-    with path.open() as f:
-        steps = yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    with params_path.open() as f:
-        base = yaml.load(f, Loader=_Loader)  # noqa: S506
+    steps, base = read_yaml(path), read_yaml(params_path)
     if not isinstance(steps, dict) or not steps:
         raise StageError(f"{path}: expected a mapping of step names to steps")
     for name, step in steps.items():
@@ -63,14 +69,19 @@ def sh(*cmd: str, env: dict | None = None) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def wait_for_queue(poll_s: float = 15) -> None:
+def wait_for_queue(names: list[str], poll_s: float = 15) -> None:
+    """Wait until the queue is idle; fail if any of NAMES failed."""
     while True:
         status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True,
                                 check=True).stdout
         if not any(word in status for word in ("Running", "Queued")):
             print(status)
-            return
+            break
         time.sleep(poll_s)
+    failed = [line.split()[1] for line in status.splitlines()
+              if "Failed" in line and len(line.split()) > 1 and line.split()[1] in names]
+    if failed:
+        raise StageError(f"experiments {', '.join(failed)} failed; see `dvc queue logs NAME`")
 
 
 def run_steps(steps: dict, jobs: int) -> None:
@@ -83,7 +94,7 @@ def run_steps(steps: dict, jobs: int) -> None:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     sh("dvc", "queue", "start", "--jobs", str(jobs),
        env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    wait_for_queue()
+    wait_for_queue(list(steps))
 
 
 def compare(steps: dict) -> None:

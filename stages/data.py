@@ -62,10 +62,9 @@ class DeviceData:
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
-              device: torch.device, channels_last: bool = False) -> DeviceData:
+              device: torch.device) -> DeviceData:
+    # one channel: the NCHW and channels_last layouts of X are the same
     x = images.to(device).unsqueeze(1).float().div_(255).sub_(mean).div_(std)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
     return DeviceData(x=x, y=labels.to(device), background=-mean / std)
 
 
@@ -85,12 +84,21 @@ def rotate(x: torch.Tensor, max_degrees: float, background: float,
     return F.grid_sample(x - background, grid, mode="nearest", align_corners=False) + background
 
 
+def is_compiled(model: torch.nn.Module) -> bool:
+    """True for the wrapper torch.compile returns."""
+    return hasattr(model, "_orig_mod")
+
+
 @torch.inference_mode()
 def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Log-probabilities (N, 10) for all of X, in batches, in eval mode."""
     was_training = model.training
     model.eval()
-    # clone: a CUDA-graphed model reuses its output buffer on the next batch
-    out = torch.cat([model(xb).clone() for xb in x.split(batch_size)])
+    outs = []
+    for xb in x.split(batch_size):
+        if is_compiled(model):
+            torch.compiler.cudagraph_mark_step_begin()
+        outs.append(model(xb).clone())  # a CUDA-graphed model reuses its output buffer
+    out = torch.cat(outs)
     model.train(was_training)
     return out

@@ -69,7 +69,8 @@ def count_params(model: nn.Module) -> int:
 
 def checkpoint(model: nn.Module, model_args: dict, **extra) -> dict:
     """A checkpoint: the state dict, the arguments that rebuild the model, and EXTRA."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # a copy: on the CPU, .cpu() would return the live tensors, which go on training
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return {"model": state, "model_args": dict(model_args), **extra}
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +24,8 @@ from torchinfo import summary
 from tqdm import tqdm
 
 from stages.common import StageError, load_torch, run, save_torch, write_text
-from stages.data import (DeviceData, load_split, load_stats, predict, resolve_device,
-                         rotate, to_device)
+from stages.data import (DeviceData, is_compiled, load_split, load_stats, predict,
+                         resolve_device, rotate, to_device)
 from stages.model import Net, checkpoint, count_params
 from stages.params import TrainParams, load_params
 
@@ -55,7 +57,8 @@ class Run:
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda_rng": (torch.cuda.get_rng_state(self.generator.device)
+                         if self.generator.device.type == "cuda" else None),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -64,8 +67,8 @@ class Run:
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.generator.device)
         self.epoch, self.history, self.best = state["epoch"], list(state["history"]), state["best"]
 
 
@@ -101,8 +104,10 @@ def train_epoch(run: Run, data: DeviceData, p: TrainParams, desc: str = "") -> t
     correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
     seen = 0
     bar = tqdm(order.split(p.batch_size), desc=desc, leave=False, unit="batch")
+    compiled = is_compiled(net)
     for step, idx in enumerate(bar, 1):
-        torch.compiler.cudagraph_mark_step_begin()  # a new training step for CUDA graphs
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step for the CUDA graphs
         x, y = data.x[idx], data.y[idx]
         if p.rotation > 0:
             x = rotate(x, p.rotation, data.background, run.generator)
@@ -156,20 +161,34 @@ def log_epoch(live: Live, row: dict) -> None:
     live.next_step()
 
 
-def restore(run: Run, state_path: Path, p: TrainParams) -> None:
-    """Continue from STATE_PATH when resuming and it was made with the same params."""
+def fingerprint(p: TrainParams, device: torch.device, *facts) -> str:
+    """What a resumable state must match: the train params, the device type, and FACTS
+    about the data (sizes, normalisation)."""
+    key = json.dumps([p.fingerprint(), device.type, *facts])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def restore(p: TrainParams, device: torch.device, state_path: Path, key: str) -> Run:
+    """A new run, or with `train.resume` the one saved in STATE_PATH if it matches KEY."""
+    run = new_run(p, device)
     if not p.resume or not state_path.exists():
-        return
+        return run
     try:
         state = load_torch(state_path, "resumable training state")
     except StageError:
         print(f"{state_path}: unreadable resumable state, ignored; starting from epoch 1")
-        return
-    if not isinstance(state, dict) or state.get("fingerprint") != p.fingerprint():
-        print(f"{state_path}: made with other params, ignored; starting from epoch 1")
-        return
-    run.load_state_dict(state)
+        return run
+    if not isinstance(state, dict) or state.get("fingerprint") != key:
+        print(f"{state_path}: made with other params or data, ignored; starting from epoch 1")
+        return run
+    try:
+        run.load_state_dict(state)
+    except (KeyError, RuntimeError, TypeError, ValueError):
+        print(f"{state_path}: resumable state does not fit this run, ignored; "
+              "starting from epoch 1")
+        return new_run(p, device)
     print(f"{state_path}: resuming after epoch {run.epoch} of {p.epochs}")
+    return run
 
 
 def main() -> None:
@@ -184,11 +203,11 @@ def main() -> None:
     if p.threads:
         torch.set_num_threads(p.threads)
     mean, std = load_stats(args.data / "stats.json")
-    channels_last = switch(p.channels_last, device)
-    train_data = to_device(*load_split(args.data / "train.pt"), mean, std, device, channels_last)
-    test_data = to_device(*load_split(args.data / "test.pt"), mean, std, device, channels_last)
-
-    run_ = new_run(p, device)
+    train_data = to_device(*load_split(args.data / "train.pt"), mean, std, device)
+    test_data = to_device(*load_split(args.data / "test.pt"), mean, std, device)
+    state_path = args.models / "state.pt"
+    key = fingerprint(p, device, len(train_data), len(test_data), mean, std)
+    run_ = restore(p, device, state_path, key)
     # zeros in eval mode: the summary must not touch the RNG or BatchNorm statistics
     info = summary(run_.model, input_data=torch.zeros(1, 1, 28, 28, device=device),
                    mode="eval", verbose=0, col_names=("output_size", "num_params"))
@@ -196,13 +215,11 @@ def main() -> None:
     write_text(args.models / "summary.txt", f"{info}\n")
     n_params = count_params(run_.model)
     print(f"device {device}, {n_params} parameters, {len(train_data)} train / "
-          f"{len(test_data)} test images, channels_last {channels_last}, "
+          f"{len(test_data)} test images, channels_last {switch(p.channels_last, device)}, "
           f"compile {switch(p.compile, device)}, "
           f"fast_dropout {switch(p.fast_dropout, device, 'cpu')}, "
           f"{torch.get_num_threads()} CPU threads")
 
-    state_path = args.models / "state.pt"
-    restore(run_, state_path, p)
     best_path = args.models / "best.pt"
     if run_.best is not None:
         save_torch(best_path, run_.best)
@@ -221,12 +238,13 @@ def main() -> None:
             if r.best is None or r.history[-1]["test/acc"] > r.best["test_accuracy"]:
                 r.best = make_checkpoint(r)
                 save_torch(best_path, r.best)
-            save_torch(state_path, r.state_dict(p.fingerprint()))
+            save_torch(state_path, r.state_dict(key))
 
         fit(run_, train_data, test_data, p, params.evaluate.batch_size, on_epoch)
         live.summary["params"] = n_params
+        # as the notebook reports them: the best of each over all epochs
         live.summary["best"] = {"test_acc": run_.best["test_accuracy"],
-                                "epoch": run_.best["epoch"],
+                                "test_epoch": run_.best["epoch"],
                                 "train_acc": max(row["train/acc"] for row in run_.history)}
 
     save_torch(args.models / "model.pt", make_checkpoint(run_))

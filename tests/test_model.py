@@ -77,6 +77,15 @@ def test_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(predict(rebuilt, x, 2), predict(model, x, 3))
 
 
+def test_checkpoint_is_a_snapshot_not_the_live_weights():
+    model = Net(dropout=0.0)
+    ckpt = checkpoint(model, {"dropout": 0.0})
+    before = ckpt["model"]["features.0.0.weight"].clone()
+    with torch.no_grad():
+        model.features[0][0].weight.add_(1.0)
+    assert torch.equal(ckpt["model"]["features.0.0.weight"], before)
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     other = nn.Sequential(nn.Conv2d(1, 4, 3))
     ckpt = checkpoint(other, {"dropout": 0.0})

@@ -114,7 +114,7 @@ def test_state_from_other_params_is_ignored(tmp_path):
     train_and_kill(cwd, 2)
     set_params(cwd, lr=0.02)
     proc = train(cwd)
-    assert "made with other params, ignored; starting from epoch 1" in proc.stdout
+    assert "made with other params or data, ignored; starting from epoch 1" in proc.stdout
     assert "resuming" not in proc.stdout
     history = (cwd / "metrics" / "train" / "plots" / "metrics" / "test" / "acc.tsv").read_text()
     assert len(history.splitlines()) == 1 + EPOCHS

@@ -95,7 +95,7 @@ def test_train_evaluate_plot_stages_end_to_end(tmp_path, prepared, params):
     assert summary["test"]["acc"] == pytest.approx(history["test/acc"].iloc[-1])
     assert summary["best"]["test_acc"] == pytest.approx(history["test/acc"].max())
     assert summary["best"]["train_acc"] == pytest.approx(history["train/acc"].max())
-    assert summary["best"]["epoch"] == best["epoch"]
+    assert summary["best"]["test_epoch"] == best["epoch"]
 
     proc = run_stage("stages.evaluate", "--model", "models/model.pt", "--data", "data/prepared",
                      "--metrics", "metrics/eval.json", "--confusion", "plots/confusion.csv",
@@ -149,3 +149,18 @@ def test_plot_reads_history_and_refuses_a_broken_one(tmp_path):
                                      for f in files})
     with pytest.raises(StageError, match="disagree on the epochs"):
         read_history(tmp_path / "bad")
+
+
+def test_compiled_run_matches_the_eager_code_paths(params):
+    """train.compile: on (the CUDA default) also works on the CPU, and checkpoints
+    come from the plain module, not from torch.compile's wrapper."""
+    from stages.model import checkpoint
+
+    p = dataclasses.replace(params.train, compile="on", channels_last="on", epochs=1)
+    run = new_run(p, CPU)
+    assert run.net is not run.model
+    history = fit(run, device_data(tiny_split(96, 0)), device_data(tiny_split(64, 1)), p,
+                  eval_batch_size=50)
+    assert len(history) == 1 and 0 <= history[0]["test/acc"] <= 100
+    keys = checkpoint(run.model, {"dropout": p.dropout})["model"].keys()
+    assert not any(key.startswith("_orig_mod") for key in keys)
