@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -48,6 +49,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp.chmod(_umask_mode(0o666))  # mkstemp makes 0600; give the file a normal mode
     try:
         yield tmp
+        with tmp.open("rb") as f:  # on disk before it takes the real name
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -99,9 +102,12 @@ def load_torch(path: str | Path, what: str, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
         raise StageError(f"{path}: {what} not found; run the stage that makes it (dvc repro)")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise StageError(f"{path}: {what} is not a torch file (truncated or overwritten?); "
+                         "rerun the stage that makes it")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StageError(f"{path}: {what} is corrupt or not a torch file ({reason}); "
-                         "rerun the stage that makes it") from None
+        raise StageError(f"{path}: {what} is corrupt or holds objects other than tensors "
+                         f"and plain data ({type(err).__name__}); rerun the stage that "
+                         "makes it") from None

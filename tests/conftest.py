@@ -119,7 +119,7 @@ def mirror(tmp_path, monkeypatch) -> Mirror:
 
 
 def run_stage(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
-              timeout: float = 60) -> subprocess.CompletedProcess:
+              timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m MODULE ARGS` in CWD with the repo importable; capture its output."""
     full_env = {k: v for k, v in os.environ.items() if k != "MNIST_MIRROR"}
     full_env["PYTHONPATH"] = str(REPO)

@@ -60,7 +60,7 @@ def train_and_kill(cwd, after_epoch: int) -> None:
         if line.startswith(f"epoch {after_epoch:2d}/{EPOCHS}"):
             proc.send_signal(signal.SIGKILL)
             break
-    proc.wait(timeout=60)
+    proc.wait(timeout=300)
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
 

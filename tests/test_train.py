@@ -99,7 +99,7 @@ def test_train_evaluate_plot_stages_end_to_end(tmp_path, prepared, params):
 
     proc = run_stage("stages.evaluate", "--model", "models/model.pt", "--data", "data/prepared",
                      "--metrics", "metrics/eval.json", "--confusion", "plots/confusion.csv",
-                     "--errors-png", "plots/errors.png", cwd=cwd, timeout=120)
+                     "--errors-png", "plots/errors.png", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((cwd / "metrics" / "eval.json").read_text())
     assert metrics["params"] == 7776
@@ -111,7 +111,7 @@ def test_train_evaluate_plot_stages_end_to_end(tmp_path, prepared, params):
     assert metrics["errors"] == int((confusion["actual"] != confusion["predicted"]).sum())
     assert (cwd / "plots" / "errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    proc = run_stage("stages.plot", "metrics/train", "plots", cwd=cwd, timeout=120)
+    proc = run_stage("stages.plot", "metrics/train", "plots", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     for name in ("accuracy.png", "loss.png"):
         assert (cwd / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -125,8 +125,20 @@ def test_evaluate_refuses_a_missing_or_corrupt_checkpoint(tmp_path, prepared, pa
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "model.pt").write_bytes(b"not a checkpoint")
     line = assert_one_line_error(run_stage("stages.evaluate", *args, cwd=tmp_path))
-    assert "models/model.pt: checkpoint is corrupt" in line
+    assert "models/model.pt: checkpoint is not a torch file" in line
     assert not (tmp_path / "m.json").exists()
+
+
+class Opaque:
+    """An arbitrary class: weights_only loading must refuse to rebuild it."""
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"model": {}, "model_args": {}, "extra": Opaque()}, path)
+    with pytest.raises(StageError, match="model.pt: checkpoint is corrupt or holds objects "
+                                         "other than tensors"):
+        load_torch(path, "checkpoint")
 
 
 def write_history(live, steps_by_file):
