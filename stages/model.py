@@ -79,11 +79,22 @@ def from_checkpoint(ckpt: dict, source: str) -> Net:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise StageError(f"{source}: not a checkpoint of this project (no model/model_args); "
                          "rerun the train stage")
+    fix = "rerun the train stage"
     try:
         model = Net(**ckpt["model_args"])
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise StageError(f"{source}: checkpoint does not fit this architecture ({first}); "
-                         "rerun the train stage") from None
+    except TypeError as err:
+        raise StageError(f"{source}: checkpoint's model_args do not fit this architecture "
+                         f"({err}); {fix}") from None
+    expected = model.state_dict()
+    weights = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    shapes = [k for k in expected.keys() & weights.keys()
+              if tuple(getattr(weights[k], "shape", ())) != tuple(expected[k].shape)]
+    if missing or extra or shapes:
+        problems = [f"{len(v)} {what} (first: {v[0]})" for what, v in
+                    (("missing", missing), ("unexpected", extra), ("wrongly shaped", shapes)) if v]
+        raise StageError(f"{source}: checkpoint does not fit this architecture: "
+                         f"{', '.join(problems)} weights; {fix}")
+    model.load_state_dict(weights)
     return model
