@@ -15,26 +15,15 @@ import argparse
 import copy
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from stages.common import StageError, run as run_main
-from stages.params import _Loader, parse_params
+from stages.params import parse_params, read_yaml
 
 STEPS_FILE = Path(__file__).with_name("steps.yaml")
 FIELDS = {"title", "params", "target", "notebook", "analysis"}
-
-
-def read_yaml(path: Path):
-    try:
-        with path.open() as f:
-            return yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except (OSError, yaml.YAMLError) as err:
-        raise StageError(f"{path}: cannot be read as YAML ({type(err).__name__}); "
-                         "fix or restore the file") from None
 
 
 def load_steps(path: Path = STEPS_FILE, params_path: Path = Path("params.yaml")) -> dict:

@@ -141,11 +141,12 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def read_yaml(path: str | Path):
+    """A YAML file read with _Loader; any problem is one line naming the file."""
     path = Path(path)
     try:
         with path.open() as f:
-            raw = yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+            return yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise StageError(f"{path}: not found; run from the repository root") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -154,4 +155,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise StageError(f"{path}: not valid YAML{where}; fix the syntax") from None
-    return parse_params(raw)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return parse_params(read_yaml(path))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -13,10 +12,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, write_prepared
 from stages.common import load_torch
-
-from test_train import tiny_split
 
 EPOCHS = 4
 TRAIN_ARGS = ["-m", "stages.train", "--data", "data/prepared", "--models", "models",
@@ -24,12 +21,7 @@ TRAIN_ARGS = ["-m", "stages.train", "--data", "data/prepared", "--models", "mode
 
 
 def make_workdir(path, **train):
-    path.mkdir()
-    prepared = path / "data" / "prepared"
-    prepared.mkdir(parents=True)
-    torch.save(tiny_split(192, 0), prepared / "train.pt")
-    torch.save(tiny_split(64, 1), prepared / "test.pt")
-    (prepared / "stats.json").write_text(json.dumps({"mean": 0.2, "std": 0.35}))
+    write_prepared(path / "data" / "prepared", n_train=192)
     set_params(path, **train)
     return path
 

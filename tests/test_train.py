@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 
 import pandas as pd
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import REPO, assert_one_line_error, run_stage
+from conftest import REPO, assert_one_line_error, run_stage, tiny_split, write_prepared
 from stages.common import StageError, load_torch
 from stages.data import DeviceData, load_split, to_device
 from stages.model import count_params, from_checkpoint
@@ -23,24 +22,9 @@ from stages.train import fit, new_run, train_epoch
 CPU = torch.device("cpu")
 
 
-def tiny_split(n: int, seed: int) -> dict[str, torch.Tensor]:
-    """Digits that are easy to tell apart: the label sets the brightness of a block."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = torch.randint(0, 30, (n, 28, 28), generator=g, dtype=torch.uint8)
-    for i, label in enumerate(labels.tolist()):
-        images[i, 4 + 2 * label: 8 + 2 * label, 6:22] = 255
-    return {"images": images, "labels": labels}
-
-
 @pytest.fixture
 def prepared(tmp_path):
-    folder = tmp_path / "data" / "prepared"
-    folder.mkdir(parents=True)
-    torch.save(tiny_split(256, 0), folder / "train.pt")
-    torch.save(tiny_split(64, 1), folder / "test.pt")
-    (folder / "stats.json").write_text(json.dumps({"mean": 0.2, "std": 0.35}))
-    return folder
+    return write_prepared(tmp_path / "data" / "prepared", n_train=256)
 
 
 @pytest.fixture
