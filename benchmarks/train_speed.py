@@ -70,7 +70,7 @@ def baseline_epoch(p, root: Path, mean: float, std: float, device: torch.device,
                               shuffle=True, **loader_args)
     test_loader = DataLoader(Subset(test_set, range(n_test)), batch_size=eval_batch_size,
                              **loader_args)
-    run = new_run(dataclasses.replace(p, compile="off", channels_last="off"), device)
+    run = new_run(dataclasses.replace(p, compile="off", channels_last="off"), device, n_train)
     model, optimizer = run.model, run.optimizer
 
     def epoch() -> None:
@@ -102,7 +102,9 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params()
-    p, eval_bs = params.train, params.evaluate.batch_size
+    # the lr schedule spans every epoch the benchmark trains (onecycle stops at its end)
+    p = dataclasses.replace(params.train, epochs=args.repeat + 1)
+    eval_bs = params.evaluate.batch_size
     device = resolve_device(p.device)
     if p.threads:
         torch.set_num_threads(p.threads)
@@ -121,8 +123,8 @@ def main() -> None:
     warm = to_device(images[:n_warm], labels[:n_warm], mean, std, device)
     warm_test = to_device(test_images[:n_warm_test], test_labels[:n_warm_test], mean, std,
                           device)
-    project = new_run(p, device)
-    ceiling = new_run(p, device)
+    project = new_run(p, device, n_train)
+    ceiling = new_run(p, device, n_train)
     no_aug = dataclasses.replace(p, rotation=0.0)
     for r, q in ((project, p), (ceiling, no_aug)):
         for _ in range(2):

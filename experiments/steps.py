@@ -1,7 +1,7 @@
-"""The notebook's three steps as named DVC experiments.
+"""The documented improvement steps as named DVC experiments.
 
     python -m experiments.steps check           # validate experiments/steps.yaml
-    python -m experiments.steps run [--jobs N]  # run step-1..3, then compare them
+    python -m experiments.steps run [--jobs N]  # run every step, then compare them
     python -m experiments.steps compare         # only the comparison
 
 `run` uses `dvc exp run -n step-N -S key=value ...`; with --jobs above 1 it queues

@@ -22,6 +22,7 @@ from stages.common import StageError
 
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
+SCHEDULES = ("onecycle", "step")
 
 
 def _rule(check, allowed: str):
@@ -42,8 +43,14 @@ class TrainParams:
     weight_decay: float = _rule(lambda v: v >= 0, "a number >= 0")
     dropout: float = _rule(lambda v: 0 <= v < 1, "a number in [0, 1)")
     rotation: float = _rule(lambda v: 0 <= v <= 180, "degrees in [0, 180]; 0 turns rotation off")
-    step_size: int = _rule(_positive, "an integer >= 1 (epochs between lr drops)")
-    gamma: float = _rule(lambda v: 0 < v <= 1, "a number in (0, 1]")
+    schedule: str = _rule(lambda v: v in SCHEDULES, " or ".join(SCHEDULES))
+    warmup: float = _rule(lambda v: 0 < v < 1, "a number in (0, 1) (onecycle: share of steps "
+                          "rising to lr)")
+    start_div: float = _rule(lambda v: v >= 1, "a number >= 1 (onecycle: starts at lr/start_div)")
+    final_div: float = _rule(lambda v: v >= 1, "a number >= 1 (onecycle: ends at "
+                             "lr/start_div/final_div)")
+    step_size: int = _rule(_positive, "an integer >= 1 (step: epochs between lr drops)")
+    gamma: float = _rule(lambda v: 0 < v <= 1, "a number in (0, 1] (step: lr factor at each drop)")
     seed: int = _rule(lambda v: v >= 0, "an integer >= 0")
     device: str = _rule(lambda v: v in DEVICES, " or ".join(DEVICES))
     resume: bool = _rule(None, "true or false")

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +78,26 @@ def switch(value: str, device: torch.device, auto_on: str = "cuda") -> bool:
     return device.type == auto_on if value == "auto" else value == "on"
 
 
-def new_run(p: TrainParams, device: torch.device) -> Run:
-    """A freshly initialised model, optimiser and scheduler, seeded from P."""
+def make_scheduler(p: TrainParams, optimizer: torch.optim.Optimizer,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule, stepped after every batch.
+
+    onecycle: up from lr/start_div to lr over the first `warmup` share of the steps, then
+    down (cosine) to lr/start_div/final_div; momentum stays at train.momentum.
+    step: lr times gamma after every step_size epochs.
+    """
+    if p.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=p.lr, epochs=p.epochs, steps_per_epoch=steps_per_epoch,
+            pct_start=p.warmup, div_factor=p.start_div, final_div_factor=p.final_div,
+            cycle_momentum=False)
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=p.step_size * steps_per_epoch,
+                                           gamma=p.gamma)
+
+
+def new_run(p: TrainParams, device: torch.device, n_train: int) -> Run:
+    """A freshly initialised model, optimiser and scheduler, seeded from P, for a
+    training set of N_TRAIN images."""
     torch.manual_seed(p.seed)
     # torch's own dropout is fast on CUDA (and safe inside CUDA graphs); Dropout16 is for CPUs
     model = Net(dropout=p.dropout, fast_dropout=switch(p.fast_dropout, device, "cpu")).to(device)
@@ -89,7 +108,7 @@ def new_run(p: TrainParams, device: torch.device) -> Run:
                         dynamic=False) if switch(p.compile, device) else model
     optimizer = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum,
                                 nesterov=p.nesterov, weight_decay=p.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=p.step_size, gamma=p.gamma)
+    scheduler = make_scheduler(p, optimizer, math.ceil(n_train / p.batch_size))
     generator = torch.Generator(device=device).manual_seed(p.seed)
     return Run(model, net, optimizer, scheduler, generator)
 
@@ -116,6 +135,7 @@ def train_epoch(run: Run, data: DeviceData, p: TrainParams, desc: str = "") -> t
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        run.scheduler.step()
         loss_sum += loss.detach() * len(y)
         correct += (out.detach().argmax(dim=1) == y).sum()
         seen += len(y)
@@ -142,7 +162,6 @@ def fit(run: Run, train_data: DeviceData, test_data: DeviceData, p: TrainParams,
         train_loss, train_acc = train_epoch(run, train_data, p, desc=f"epoch {epoch}/{p.epochs}")
         test_loss, test_acc = test_epoch(run.net, test_data, eval_batch_size)
         seconds = time.perf_counter() - start
-        run.scheduler.step()
         run.epoch = epoch
         run.history.append({"epoch": epoch, "train/loss": train_loss, "train/acc": train_acc,
                             "test/loss": test_loss, "test/acc": test_acc, "lr": lr})
@@ -168,9 +187,10 @@ def fingerprint(p: TrainParams, device: torch.device, *facts) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def restore(p: TrainParams, device: torch.device, state_path: Path, key: str) -> Run:
+def restore(p: TrainParams, device: torch.device, n_train: int, state_path: Path,
+            key: str) -> Run:
     """A new run, or with `train.resume` the one saved in STATE_PATH if it matches KEY."""
-    run = new_run(p, device)
+    run = new_run(p, device, n_train)
     if not p.resume or not state_path.exists():
         return run
     try:
@@ -186,7 +206,7 @@ def restore(p: TrainParams, device: torch.device, state_path: Path, key: str) ->
     except (KeyError, RuntimeError, TypeError, ValueError):
         print(f"{state_path}: resumable state does not fit this run, ignored; "
               "starting from epoch 1")
-        return new_run(p, device)
+        return new_run(p, device, n_train)
     print(f"{state_path}: resuming after epoch {run.epoch} of {p.epochs}")
     return run
 
@@ -207,7 +227,7 @@ def main() -> None:
     test_data = to_device(*load_split(args.data / "test.pt"), mean, std, device)
     state_path = args.models / "state.pt"
     key = fingerprint(p, device, len(train_data), len(test_data), mean, std)
-    run_ = restore(p, device, state_path, key)
+    run_ = restore(p, device, len(train_data), state_path, key)
     # zeros in eval mode: the summary must not touch the RNG or BatchNorm statistics
     info = summary(run_.model, input_data=torch.zeros(1, 1, 28, 28, device=device),
                    mode="eval", verbose=0, col_names=("output_size", "num_params"))

@@ -52,6 +52,9 @@ def test_float_params_given_as_integers_become_floats(raw):
     ("momentum", 1.0, "is out of range; allowed: a number in [0, 1)"),
     ("rotation", -1, "is out of range; allowed: degrees in [0, 180]"),
     ("gamma", 0, "is out of range; allowed: a number in (0, 1]"),
+    ("schedule", "cosine", "is out of range; allowed: onecycle or step"),
+    ("warmup", 1.0, "is out of range; allowed: a number in (0, 1)"),
+    ("start_div", 0.5, "is out of range; allowed: a number >= 1"),
     ("device", "tpu", "is out of range; allowed: auto or cpu or cuda"),
     ("nesterov", "yes", "is not true or false"),
     ("compile", True, "is not a string"),
@@ -62,6 +65,14 @@ def test_bad_train_value(raw, key, value, problem):
     with pytest.raises(StageError) as err:
         parse_params(bad)
     assert str(err.value).startswith(f"params.yaml: train.{key} = {value!r} {problem}")
+
+
+def test_dvc_yaml_makes_train_depend_on_every_train_param():
+    """A train param missing from dvc.yaml would not rerun the stage when it changes."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    declared = set(stages["train"]["params"])
+    assert declared == {f"train.{f.name}" for f in dataclasses.fields(TrainParams)} | {
+        "evaluate.batch_size"}
 
 
 def test_bad_evaluate_value(raw):

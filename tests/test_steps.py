@@ -12,14 +12,16 @@ from stages.common import StageError
 PARAMS = REPO / "params.yaml"
 
 
-def test_the_three_steps_load_and_step_3_is_params_yaml():
+def test_the_steps_load_and_the_last_is_params_yaml():
     steps = load_steps(STEPS_FILE, PARAMS)
-    assert list(steps) == ["step-1", "step-2", "step-3"]
+    assert list(steps) == ["step-1", "step-2", "step-3", "step-4"]
     base = yaml.safe_load(PARAMS.read_text())
-    for key, value in steps["step-3"]["params"].items():
+    for key, value in steps["step-4"]["params"].items():
         section, leaf = key.split(".")
         assert base[section][leaf] == value, key
-    assert overrides(steps["step-2"])[:2] == ["-S", "train.rotation=7.0"]
+    assert any(steps["step-3"]["params"][key] != base["train"][key.split(".")[1]]
+               for key in steps["step-3"]["params"])
+    assert overrides(steps["step-2"])[:4] == ["-S", "train.schedule=step", "-S", "train.lr=0.01"]
 
 
 def write_steps(tmp_path, **step_params):

@@ -17,7 +17,7 @@ from stages.data import DeviceData, load_split, to_device
 from stages.model import count_params, from_checkpoint
 from stages.params import load_params
 from stages.plot import read_history
-from stages.train import fit, new_run, train_epoch
+from stages.train import fit, make_scheduler, new_run, train_epoch
 
 CPU = torch.device("cpu")
 
@@ -42,18 +42,52 @@ def device_data(split: dict) -> DeviceData:
 
 
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(params):
-    p = dataclasses.replace(params.train, rotation=0.0, batch_size=64, lr=0.05)
-    run = new_run(p, CPU)
+    p = dataclasses.replace(params.train, rotation=0.0, batch_size=64, lr=0.05, epochs=20,
+                            schedule="step", gamma=1.0)  # a constant lr
+    run = new_run(p, CPU, 64)
     batch = device_data(tiny_split(64, 0))
     losses = [train_epoch(run, batch, p)[0] for _ in range(20)]  # one step each
     assert losses[-1] < 0.5 * losses[0]
 
 
+def lrs(p, steps_per_epoch: int) -> list[float]:
+    """The lr each training step of P's schedule uses."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=p.lr,
+                                momentum=p.momentum)
+    scheduler = make_scheduler(p, optimizer, steps_per_epoch)
+    out = []
+    for _ in range(p.epochs * steps_per_epoch):
+        out.append(optimizer.param_groups[0]["lr"])
+        assert optimizer.param_groups[0]["momentum"] == p.momentum
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_step_schedule_drops_lr_every_step_size_epochs(params):
+    p = dataclasses.replace(params.train, schedule="step", lr=0.01, epochs=7, step_size=3,
+                            gamma=0.1)
+    seq = lrs(p, steps_per_epoch=5)
+    assert seq == pytest.approx([0.01] * 15 + [0.001] * 15 + [0.0001] * 5)
+
+
+def test_onecycle_rises_to_lr_then_anneals(params):
+    p = dataclasses.replace(params.train, schedule="onecycle", lr=0.1, epochs=4, warmup=0.25,
+                            start_div=10.0, final_div=100.0)
+    seq = lrs(p, steps_per_epoch=10)
+    peak = seq.index(max(seq))
+    assert seq[0] == pytest.approx(0.01) and max(seq) == pytest.approx(0.1)
+    assert peak == 9  # warmup ends a quarter of the way through the 40 steps
+    assert all(a < b for a, b in zip(seq[:peak], seq[1:peak + 1]))
+    assert all(a > b for a, b in zip(seq[peak:], seq[peak + 1:]))
+    assert seq[-1] == pytest.approx(0.01 / 100)
+
+
 def test_fit_is_deterministic_and_records_history(params):
     p = params.train
     train, test = device_data(tiny_split(256, 0)), device_data(tiny_split(64, 1))
-    history = fit(new_run(p, CPU), train, test, p, eval_batch_size=50)
-    again = fit(new_run(p, CPU), train, test, p, eval_batch_size=50)
+    history = fit(new_run(p, CPU, 256), train, test, p, eval_batch_size=50)
+    again = fit(new_run(p, CPU, 256), train, test, p, eval_batch_size=50)
     assert [row["epoch"] for row in history] == [1, 2]
     assert history == again
     assert set(history[0]) == {"epoch", "train/loss", "train/acc", "test/loss", "test/acc", "lr"}
@@ -153,7 +187,7 @@ def test_compiled_run_matches_the_eager_code_paths(params):
     from stages.model import checkpoint
 
     p = dataclasses.replace(params.train, compile="on", channels_last="on", epochs=1)
-    run = new_run(p, CPU)
+    run = new_run(p, CPU, 96)
     assert run.net is not run.model
     history = fit(run, device_data(tiny_split(96, 0)), device_data(tiny_split(64, 1)), p,
                   eval_batch_size=50)
