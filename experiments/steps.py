@@ -58,16 +58,29 @@ def sh(*cmd: str, env: dict | None = None) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
-def wait_for_queue(names: list[str], poll_s: float = 15) -> None:
-    """Wait until the queue is idle; fail if any of NAMES failed."""
+def queue_status() -> str:
+    return subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def wait_for_queue(names: list[str], start_workers, status=queue_status,
+                   poll_s: float = 15) -> None:
+    """Wait until the queue is idle; fail if any of NAMES failed.
+
+    DVC's workers sometimes all stop while tasks are still queued
+    (treeverse/dvc#10562); START_WORKERS() starts them again then.
+    """
     while True:
-        status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True,
-                                check=True).stdout
-        if not any(word in status for word in ("Running", "Queued")):
-            print(status)
-            break
         time.sleep(poll_s)
-    failed = [line.split()[1] for line in status.splitlines()
+        text = status()
+        if "Running" in text:
+            continue
+        if "Queued" not in text:
+            print(text)
+            break
+        if "Worker status: 0 active" in text:
+            start_workers()
+    failed = [line.split()[1] for line in text.splitlines()
               if "Failed" in line and len(line.split()) > 1 and line.split()[1] in names]
     if failed:
         raise StageError(f"experiments {', '.join(failed)} failed; see `dvc queue logs NAME`")
@@ -81,9 +94,13 @@ def run_steps(steps: dict, jobs: int) -> None:
     for name, step in steps.items():
         sh("dvc", "exp", "run", "--queue", "-n", name, *overrides(step))
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    sh("dvc", "queue", "start", "--jobs", str(jobs),
-       env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    wait_for_queue(list(steps))
+
+    def start_workers() -> None:
+        sh("dvc", "queue", "start", "--jobs", str(jobs),
+           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+    start_workers()
+    wait_for_queue(list(steps), start_workers)
 
 
 def compare(steps: dict) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stages.common import StageError, load_torch, save_torch
@@ -55,6 +58,21 @@ def test_rotation_keeps_background_and_varies_per_image():
     # nearest-neighbour sampling moves pixels, it never invents new values
     values = out.unique()
     assert torch.isclose(values[:, None], torch.tensor([background, 3.0])).any(dim=1).all()
+
+
+@pytest.mark.parametrize("degrees", [7.0, 180.0])
+def test_rotation_grid_is_affine_grids_bit_for_bit(degrees):
+    """rotate() builds its grid without F.affine_grid; the result must not change."""
+    x = torch.randn(64, 1, 28, 28)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        angles = (torch.rand(64, generator=g) * 2 - 1) * math.radians(degrees)
+        cos, sin, zero = angles.cos(), angles.sin(), torch.zeros_like(angles)
+        theta = torch.stack([cos, -sin, zero, sin, cos, zero], dim=1).view(64, 2, 3)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        expected = F.grid_sample(x - 0.5, grid, mode="nearest", align_corners=False) + 0.5
+        assert torch.equal(rotate(x, degrees, 0.5, torch.Generator().manual_seed(seed)),
+                           expected)
 
 
 def test_rotation_is_seeded():

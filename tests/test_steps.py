@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from experiments.steps import STEPS_FILE, load_steps, overrides
+from experiments.steps import STEPS_FILE, load_steps, overrides, wait_for_queue
 from stages.common import StageError
 
 PARAMS = REPO / "params.yaml"
@@ -51,3 +51,24 @@ def test_a_step_missing_a_field_fails(tmp_path):
     path.write_text(yaml.safe_dump(steps))
     with pytest.raises(StageError, match="step-1 must have exactly the fields"):
         load_steps(path, PARAMS)
+
+
+def status(*rows: tuple[str, str], active: int) -> str:
+    lines = ["Task     Name    Created    Status"]
+    lines += [f"abc1234  {name}  11:33 PM   {state}" for name, state in rows]
+    return "\n".join(lines + ["", f"Worker status: {active} active, 0 idle"])
+
+
+def test_wait_for_queue_restarts_workers_that_stopped_early_and_reports_failures():
+    """DVC's workers can all exit with tasks still queued; the wait starts them again."""
+    sequence = iter([
+        status(("step-1", "Running"), ("step-2", "Queued"), active=1),
+        status(("step-1", "Success"), ("step-2", "Queued"), active=0),  # workers gone
+        status(("step-1", "Success"), ("step-2", "Running"), active=1),
+        status(("step-1", "Success"), ("step-2", "Failed"), active=0),
+    ])
+    starts = []
+    with pytest.raises(StageError, match="experiments step-2 failed"):
+        wait_for_queue(["step-1", "step-2"], lambda: starts.append(1),
+                       status=lambda: next(sequence), poll_s=0)
+    assert starts == [1]
