@@ -11,6 +11,8 @@ In one process it measures training images per second for
                 Normalize in a DataLoader, the same model and optimiser, then a test pass;
   (c) ceiling:  the same training step on resident batches, no augmentation, no test pass.
 (a) and (b) count the test pass, as a real epoch does. All use params.yaml's train section.
+Each round measures the three back to back; the table shows the fastest of each over
+the rounds, and the last line the median over rounds of each round's ratios.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -152,10 +155,18 @@ def main() -> None:
                        ("ceiling", "(c) ceiling")):
         print(f"{label:<10}{seconds[key]:>9.2f}{rate[key]:>10.0f}"
               f"{rate[key] / rate['baseline']:>12.2f}x{rate[key] / rate['ceiling']:>11.2f}x")
+    # each round measures the three back to back, so its ratios share the machine's
+    # state; on a machine whose speed drifts, their median is steadier than best-of
+    paired = {other: statistics.median(r[other] / r["project"] for r in rounds)
+              for other in ("baseline", "ceiling")}
+    print(f"median over rounds of (a)'s speed against: (b) {paired['baseline']:.2f}x, "
+          f"(c) {paired['ceiling']:.2f}x")
     if args.json:
         print(json.dumps({"project_img_s": round(rate["project"], 1),
                           "baseline_img_s": round(rate["baseline"], 1),
                           "ceiling_img_s": round(rate["ceiling"], 1),
+                          "paired_vs_baseline": round(paired["baseline"], 3),
+                          "paired_vs_ceiling": round(paired["ceiling"], 3),
                           "device": name, "torch": torch.__version__}))
 
 
