@@ -25,7 +25,7 @@ repro: setup
 	dvc repro
 
 test: setup
-	python -m pytest -q tests
+	python -m pytest -q
 
 steps: setup
 	python -m experiments.steps run --jobs $(JOBS)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -31,9 +32,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from stages.data import load_split, load_stats, resolve_device, to_device
+from stages.common import StageError, run_cli
+from stages.data import load_split, load_stats, to_device
+from stages.device import resolve_device
 from stages.params import load_params
-from stages.train import new_run, test_epoch, train_epoch
+from stages.train import TEST_BATCH_SIZE, new_state, score, train_epoch
 
 MNIST_RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -73,8 +76,8 @@ def baseline_epoch(p, root: Path, mean: float, std: float, device: torch.device,
                               shuffle=True, **loader_args)
     test_loader = DataLoader(Subset(test_set, range(n_test)), batch_size=eval_batch_size,
                              **loader_args)
-    run = new_run(dataclasses.replace(p, compile="off", channels_last="off"), device, n_train)
-    model, optimizer = run.model, run.optimizer
+    state = new_state(dataclasses.replace(p, compile="off", channels_last="off"), device, n_train)
+    model, optimizer = state.model, state.optimizer
 
     def epoch() -> None:
         model.train()
@@ -104,13 +107,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="end with one line of JSON")
     args = parser.parse_args()
 
-    params = load_params()
-    # the lr schedule spans every epoch the benchmark trains (onecycle stops at its end)
-    p = dataclasses.replace(params.train, epochs=args.repeat + 1)
-    eval_bs = params.evaluate.batch_size
+    if args.batches < 0 or args.repeat < 1 or args.workers < 0:
+        raise StageError("--batches must be >= 0, --repeat >= 1 and --workers >= 0")
+    p = load_params().train
+    eval_bs = TEST_BATCH_SIZE
     device = resolve_device(p.device)
-    if p.threads:
-        torch.set_num_threads(p.threads)
     mean, std = load_stats(args.data / "stats.json")
     images, labels = load_split(args.data / "train.pt")
     test_images, test_labels = load_split(args.data / "test.pt")
@@ -126,17 +127,22 @@ def main() -> None:
     warm = to_device(images[:n_warm], labels[:n_warm], mean, std, device)
     warm_test = to_device(test_images[:n_warm_test], test_labels[:n_warm_test], mean, std,
                           device)
-    project = new_run(p, device, n_train)
-    ceiling = new_run(p, device, n_train)
-    no_aug = dataclasses.replace(p, rotation=0.0)
-    for r, q in ((project, p), (ceiling, no_aug)):
+    # the lr schedule must span every step the benchmark trains (onecycle refuses to step
+    # past its end): two warm-up passes, then REPEAT measured epochs of N_TRAIN images
+    steps = math.ceil(n_train / p.batch_size)
+    warm_steps = 2 * math.ceil(n_warm / p.batch_size)
+    p = dataclasses.replace(p, epochs=args.repeat + math.ceil(warm_steps / steps))
+    project = new_state(p, device, n_train)
+    ceiling = new_state(p, device, n_train)
+    no_aug = dataclasses.replace(p, rotation=0.0, translate=0.0)
+    for s, q in ((project, p), (ceiling, no_aug)):
         for _ in range(2):
-            train_epoch(r, warm, q)
-            test_epoch(r.net, warm_test, eval_bs)
+            train_epoch(s, warm, q)
+            score(s.net, warm_test, eval_bs)
 
     measure = {
         "project": lambda: timed(lambda: (train_epoch(project, train_data, p),
-                                          test_epoch(project.net, test_data, eval_bs)), device),
+                                          score(project.scored, test_data, eval_bs)), device),
         "baseline": lambda: baseline_epoch(p, tv_root, mean, std, device, n_train, n_test,
                                            eval_bs, args.workers),
         "ceiling": lambda: timed(lambda: train_epoch(ceiling, train_data, no_aug), device),
@@ -171,4 +177,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 
-from stages.common import StageError, run as run_main
+from stages.common import StageError, run_cli
 from stages.params import parse_params, read_yaml
 
 STEPS_FILE = Path(__file__).with_name("steps.yaml")
@@ -129,4 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_cli(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -25,8 +26,8 @@ class StageError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
-def run(main: Callable[[], None]) -> None:
-    """Run a stage's main(), turning StageError into one line on stderr and exit 1."""
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a command's main(), turning StageError into one line on stderr and exit 1."""
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
         main()
@@ -72,9 +73,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode())
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -92,9 +97,16 @@ def read_json(path: str | Path, what: str) -> dict:
         raise StageError(f"{path}: {what} is unreadable ({err}); rerun the stage that makes it") from None
 
 
+def torch_bytes(obj) -> bytes:
+    """torch.save's bytes for OBJ. They depend only on OBJ: saved to a file, torch names
+    the archive inside after the file, so a temporary name would change the bytes."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def save_torch(path: str | Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    write_bytes(path, torch_bytes(obj))
 
 
 def load_torch(path: str | Path, what: str, map_location="cpu"):

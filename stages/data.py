@@ -1,6 +1,7 @@
-"""Device-resident MNIST: load once, normalise once, batch by seeded indices.
+"""Device-resident MNIST: load once, normalise once, batch by seeded indices, augment
+whole batches on the device.
 
-Shared by train, evaluate and the speed benchmark.
+Shared by train, evaluate, export and the speed benchmark.
 """
 
 from __future__ import annotations
@@ -13,16 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from stages.common import StageError, load_torch, read_json
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when a GPU is present, else the CPU; `cuda` needs a GPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StageError("train.device is cuda but torch sees no CUDA GPU; "
-                         "set train.device to auto or cpu")
-    return torch.device(name)
 
 
 def load_split(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,40 +65,34 @@ def pixel_centres(n: int, device: torch.device, dtype: torch.dtype) -> torch.Ten
     return torch.linspace(-1, 1, n, device=device, dtype=dtype) * (n - 1) / n
 
 
-def rotate(x: torch.Tensor, max_degrees: float, background: float,
-           generator: torch.Generator) -> torch.Tensor:
-    """Rotate each image by its own angle, uniform in ±MAX_DEGREES, in one batched op.
+def augment(x: torch.Tensor, rotation: float, translate: float, background: float,
+            generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image by its own angle, uniform in ±ROTATION degrees, and shift it by
+    up to ±TRANSLATE pixels on each axis, in one batched resampling.
 
     Nearest-neighbour sampling, as torchvision's RandomRotation does by default;
-    pixels rotated in from outside the frame take the background value. The sampling
+    pixels moved in from outside the frame take the background value. The rotation
     grid is what F.affine_grid returns for these rotations, bit for bit (tested), but
-    built by broadcasting: on the CPU affine_grid took 7 times as long as this.
+    built by broadcasting: on the CPU affine_grid took 7 times as long as this. The
+    angles are drawn first, so that a run without translation draws exactly what it
+    drew before translation existed.
     """
+    if rotation == 0 and translate == 0:
+        return x
     n, _, h, w = x.shape
-    angles = torch.rand(n, device=x.device, generator=generator, dtype=x.dtype)
-    angles = (angles * 2 - 1) * math.radians(max_degrees)
-    cos, sin = angles.cos().view(n, 1, 1), angles.sin().view(n, 1, 1)
     xs = pixel_centres(w, x.device, x.dtype).view(1, 1, w)
     ys = pixel_centres(h, x.device, x.dtype).view(1, h, 1)
-    grid = torch.stack([cos * xs + (-sin) * ys, sin * xs + cos * ys], dim=-1)  # (n, h, w, 2)
+    if rotation > 0:
+        angles = torch.rand(n, device=x.device, generator=generator, dtype=x.dtype)
+        angles = (angles * 2 - 1) * math.radians(rotation)
+        cos, sin = angles.cos().view(n, 1, 1), angles.sin().view(n, 1, 1)
+        gx, gy = cos * xs + (-sin) * ys, sin * xs + cos * ys  # (n, h, w) each
+    else:
+        gx, gy = xs.expand(n, h, w), ys.expand(n, h, w)
+    if translate > 0:
+        shift = torch.rand(n, 2, device=x.device, generator=generator, dtype=x.dtype)
+        shift = (shift * 2 - 1) * translate  # pixels; a pixel is 2/side in grid units
+        gx = gx + (shift[:, 0] * (2 / w)).view(n, 1, 1)
+        gy = gy + (shift[:, 1] * (2 / h)).view(n, 1, 1)
+    grid = torch.stack([gx, gy], dim=-1)  # (n, h, w, 2)
     return F.grid_sample(x - background, grid, mode="nearest", align_corners=False) + background
-
-
-def is_compiled(model: torch.nn.Module) -> bool:
-    """True for the wrapper torch.compile returns."""
-    return hasattr(model, "_orig_mod")
-
-
-@torch.inference_mode()
-def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Log-probabilities (N, 10) for all of X, in batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    outs = []
-    for xb in x.split(batch_size):
-        if is_compiled(model):
-            torch.compiler.cudagraph_mark_step_begin()
-        outs.append(model(xb).clone())  # a CUDA-graphed model reuses its output buffer
-    out = torch.cat(outs)
-    model.train(was_training)
-    return out

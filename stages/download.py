@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import http.client
 import os
-import shutil
 import urllib.error
 import urllib.request
 import zlib
@@ -22,7 +21,7 @@ from pathlib import Path
 from torchvision.datasets import MNIST
 from tqdm import tqdm
 
-from stages.common import StageError, atomic_dir, run
+from stages.common import StageError, atomic_dir, run_cli
 
 # md5 of each decompressed file. The .gz containers differ between mirrors,
 # the decompressed bytes do not.
@@ -136,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_cli(main)

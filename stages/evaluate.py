@@ -4,7 +4,7 @@ Reads:  MODEL (models/model.pt), DATA_DIR/test.pt and DATA_DIR/stats.json.
 Writes: METRICS (accuracy %, loss, params, errors, per-class accuracy %),
         CONFUSION (one row per test image: actual, predicted; DVC's confusion
         template) and ERRORS_PNG, a grid of misclassified digits, true→predicted.
-Params: evaluate.batch_size, evaluate.max_errors, train.device.
+Params: evaluate.batch_size, evaluate.max_errors, train.device, runtime.*.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from stages.common import atomic_path, load_torch, run, write_json
-from stages.data import load_split, load_stats, predict, resolve_device, to_device
+from stages.common import atomic_path, load_torch, run_cli, write_json
+from stages.data import load_split, load_stats, to_device
+from stages.device import resolve_device
 from stages.figures import plt, save_png
-from stages.model import count_params, from_checkpoint
+from stages.model import count_params, from_checkpoint, predict
 from stages.params import load_params
 
 
@@ -93,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_cli(main)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from stages.common import StageError
+from stages.device import mark_step
 
 
 class Dropout16(nn.Dropout):
@@ -98,3 +99,21 @@ def from_checkpoint(ckpt: dict, source: str) -> Net:
                          f"{', '.join(problems)} weights; {fix}")
     model.load_state_dict(weights)
     return model
+
+
+@torch.inference_mode()
+def predict(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Log-probabilities (N, 10) for all of X, in batches, in eval mode.
+
+    MODEL is a Net or its CompiledModel; a CUDA-graphed model reuses its output buffer,
+    so each batch's output is copied before the next batch runs.
+    """
+    was_training = model.training
+    model.eval()
+    outs = []
+    for xb in x.split(batch_size):
+        mark_step(model)
+        outs.append(model(xb).clone())
+    out = torch.cat(outs)
+    model.train(was_training)
+    return out

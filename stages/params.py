@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from stages.common import StageError
+from stages.runtime import CPU_ISAS
 
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
@@ -33,6 +34,13 @@ def _positive(v):
     return v > 0
 
 
+def _switch():
+    """An auto/on/off speed option. YAML 1.1 reads a bare on/off as true/false, so
+    parsing turns booleans back into the words the user typed."""
+    return field(metadata={"check": lambda v: v in SWITCHES, "allowed": " or ".join(SWITCHES),
+                           "switch": True})
+
+
 @dataclass(frozen=True)
 class TrainParams:
     epochs: int = _rule(lambda v: v >= 1, "an integer >= 1")
@@ -42,7 +50,11 @@ class TrainParams:
     nesterov: bool = _rule(None, "true or false")
     weight_decay: float = _rule(lambda v: v >= 0, "a number >= 0")
     dropout: float = _rule(lambda v: 0 <= v < 1, "a number in [0, 1)")
+    label_smoothing: float = _rule(lambda v: 0 <= v < 1, "a number in [0, 1); 0 turns it off")
+    ema: float = _rule(lambda v: 0 <= v < 1, "a number in [0, 1): the weights' moving-average "
+                       "decay per step; 0 turns it off")
     rotation: float = _rule(lambda v: 0 <= v <= 180, "degrees in [0, 180]; 0 turns rotation off")
+    translate: float = _rule(lambda v: 0 <= v <= 4, "pixels in [0, 4]; 0 turns shifting off")
     schedule: str = _rule(lambda v: v in SCHEDULES, " or ".join(SCHEDULES))
     warmup: float = _rule(lambda v: 0 < v < 1, "a number in (0, 1) (onecycle: share of steps "
                           "rising to lr)")
@@ -54,10 +66,9 @@ class TrainParams:
     seed: int = _rule(lambda v: v >= 0, "an integer >= 0")
     device: str = _rule(lambda v: v in DEVICES, " or ".join(DEVICES))
     resume: bool = _rule(None, "true or false")
-    threads: int = _rule(lambda v: v >= 0, "an integer >= 0; 0 keeps torch's default")
-    channels_last: str = _rule(lambda v: v in SWITCHES, " or ".join(SWITCHES))
-    compile: str = _rule(lambda v: v in SWITCHES, " or ".join(SWITCHES))
-    fast_dropout: str = _rule(lambda v: v in SWITCHES, " or ".join(SWITCHES))
+    channels_last: str = _switch()
+    compile: str = _switch()
+    fast_dropout: str = _switch()
 
     def fingerprint(self) -> str:
         """Hash of the params that shape the result; `resume` is not one of them."""
@@ -73,9 +84,18 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class RuntimeParams:
+    """Applied before torch starts, by stages.runtime; validated here like the rest."""
+
+    cpu_isa: str = _rule(lambda v: v in CPU_ISAS, " or ".join(CPU_ISAS))
+    threads: int = _rule(lambda v: v >= 1, "an integer >= 1")
+
+
+@dataclass(frozen=True)
 class Params:
     train: TrainParams
     evaluate: EvaluateParams
+    runtime: RuntimeParams
 
 
 def _type_ok(value, typ) -> bool:
@@ -111,6 +131,8 @@ def _section(cls, name: str, raw) -> object:
         if key not in raw:
             raise StageError(f"params.yaml: {full} is missing; add it ({f.metadata['allowed']})")
         value, typ = raw[key], {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+        if f.metadata.get("switch") and isinstance(value, bool):
+            value = "on" if value else "off"
         if not _type_ok(value, typ):
             raise StageError(f"params.yaml: {full} = {value!r} is not {_TYPE_WORDS[typ]}; "
                              f"allowed: {f.metadata['allowed']}")

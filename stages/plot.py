@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.common import StageError, run
+from stages.common import StageError, run_cli
 from stages.figures import plt, save_png
 
 CURVES = {"acc": ("accuracy.png", "accuracy (%)"), "loss": ("loss.png", "loss (NLL)")}
@@ -72,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_cli(main)

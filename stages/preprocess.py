@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from stages.common import StageError, atomic_dir, run, write_json
+from stages.common import StageError, atomic_dir, run_cli, write_json
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # IDX: unsigned byte data, 3 and 1 dimensions
 SIDE = 28
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run(main)
+    run_cli(main)

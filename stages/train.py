@@ -4,7 +4,7 @@ Reads:  DATA_DIR/{train,test}.pt and DATA_DIR/stats.json (from preprocess).
 Writes: MODELS_DIR/model.pt (final) and best.pt (best test epoch), checkpoints that
         rebuild the model; MODELS_DIR/state.pt (resumable state, each epoch);
         MODELS_DIR/summary.txt (torchinfo); LIVE_DIR, DVCLive's per-epoch metrics.
-Params: train.*, evaluate.batch_size (the per-epoch test pass).
+Params: train.*, runtime.* (applied before torch starts; see stages/runtime.py).
 """
 
 from __future__ import annotations
@@ -21,31 +21,43 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from dvclive import Live
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchinfo import summary
 from tqdm import tqdm
 
-from stages.common import StageError, load_torch, run, save_torch, write_text
-from stages.data import (DeviceData, is_compiled, load_split, load_stats, predict,
-                         resolve_device, rotate, to_device)
-from stages.model import Net, checkpoint, count_params
+from stages.common import StageError, load_torch, run_cli, save_torch, write_text
+from stages.data import DeviceData, augment, load_split, load_stats, to_device
+from stages.device import CompiledModel, compile_model, mark_step, resolve_device, switch
+from stages.model import Net, checkpoint, count_params, predict
 from stages.params import TrainParams, load_params
 
 POSTFIX_EVERY = 50  # steps between progress-bar updates (each one syncs the device)
+# the per-epoch test pass's batch: a speed setting only (1000 gave bit-identical results)
+TEST_BATCH_SIZE = 250
 METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "lr")
+# the code whose changes make a saved state stale (with the params and the data)
+CODE = [Path(__file__).with_name(name) for name in
+        ("train.py", "data.py", "model.py", "device.py", "params.py", "common.py")]
 
 
 @dataclass
-class Run:
+class TrainState:
     """Everything that changes while training, so that it can be saved and resumed."""
 
     model: Net
-    net: torch.nn.Module  # what runs the batches: MODEL itself or its torch.compile wrapper
+    net: torch.nn.Module | CompiledModel  # runs the training batches: MODEL, or compiled
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    generator: torch.Generator  # batch order and rotation angles
+    generator: torch.Generator  # batch order, rotation angles and shifts
+    ema: AveragedModel | None = None  # moving average of the weights, if train.ema > 0
     epoch: int = 0  # epochs finished
     history: list[dict] = field(default_factory=list)
     best: dict | None = None  # checkpoint of the best test epoch so far
+
+    @property
+    def scored(self) -> torch.nn.Module | CompiledModel:
+        """What is tested each epoch and saved: the moving average if there is one."""
+        return self.ema.module if self.ema is not None else self.net
 
     def state_dict(self, fingerprint: str) -> dict:
         return {
@@ -54,6 +66,7 @@ class Run:
             "history": self.history,
             "best": self.best,
             "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
@@ -62,20 +75,19 @@ class Run:
                          if self.generator.device.type == "cuda" else None),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.generator.device)
-        self.epoch, self.history, self.best = state["epoch"], list(state["history"]), state["best"]
-
-
-def switch(value: str, device: torch.device, auto_on: str = "cuda") -> bool:
-    """A speed option's on/off/auto; `auto` is on for the device type where it pays."""
-    return device.type == auto_on if value == "auto" else value == "on"
+    def load_state_dict(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["model"])
+        if (saved["ema"] is None) != (self.ema is None):
+            raise ValueError("the saved state and this run disagree on train.ema")
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        if saved["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], self.generator.device)
+        self.epoch, self.history, self.best = saved["epoch"], list(saved["history"]), saved["best"]
 
 
 def make_scheduler(p: TrainParams, optimizer: torch.optim.Optimizer,
@@ -95,7 +107,7 @@ def make_scheduler(p: TrainParams, optimizer: torch.optim.Optimizer,
                                            gamma=p.gamma)
 
 
-def new_run(p: TrainParams, device: torch.device, n_train: int) -> Run:
+def new_state(p: TrainParams, device: torch.device, n_train: int) -> TrainState:
     """A freshly initialised model, optimiser and scheduler, seeded from P, for a
     training set of N_TRAIN images."""
     torch.manual_seed(p.seed)
@@ -103,39 +115,51 @@ def new_run(p: TrainParams, device: torch.device, n_train: int) -> Run:
     model = Net(dropout=p.dropout, fast_dropout=switch(p.fast_dropout, device, "cpu")).to(device)
     if switch(p.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
-    # CUDA graphs ("reduce-overhead") remove the launch cost of this tiny model's kernels
-    net = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None,
-                        dynamic=False) if switch(p.compile, device) else model
+    net = compile_model(model, device) if switch(p.compile, device) else model
     optimizer = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum,
                                 nesterov=p.nesterov, weight_decay=p.weight_decay)
     scheduler = make_scheduler(p, optimizer, math.ceil(n_train / p.batch_size))
     generator = torch.Generator(device=device).manual_seed(p.seed)
-    return Run(model, net, optimizer, scheduler, generator)
+    # the average covers BatchNorm's running statistics too (use_buffers)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(p.ema), use_buffers=True)
+           if p.ema > 0 else None)
+    return TrainState(model, net, optimizer, scheduler, generator, ema)
 
 
-def train_epoch(run: Run, data: DeviceData, p: TrainParams, desc: str = "") -> tuple[float, float]:
-    """One pass over DATA in seeded random order; returns (mean loss, accuracy %)."""
-    net, optimizer = run.net, run.optimizer
+def smoothed_nll(log_probs: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """NLL against targets that put 1 - SMOOTHING on the label and SMOOTHING spread over
+    all ten classes; exactly F.nll_loss when SMOOTHING is 0."""
+    nll = F.nll_loss(log_probs, y)
+    if smoothing == 0:
+        return nll
+    return (1 - smoothing) * nll - smoothing * log_probs.mean(dim=1).mean()
+
+
+def train_epoch(state: TrainState, data: DeviceData, p: TrainParams,
+                desc: str = "") -> tuple[float, float]:
+    """One pass over DATA in seeded random order; returns (mean loss, accuracy %).
+
+    The loss reported is the training objective (with label smoothing, if any)."""
+    net, optimizer = state.net, state.optimizer
     net.train()
     n = len(data)
-    order = torch.randperm(n, device=data.x.device, generator=run.generator)
+    order = torch.randperm(n, device=data.x.device, generator=state.generator)
     loss_sum = torch.zeros((), device=data.x.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
     seen = 0
     bar = tqdm(order.split(p.batch_size), desc=desc, leave=False, unit="batch")
-    compiled = is_compiled(net)
     for step, idx in enumerate(bar, 1):
-        if compiled:
-            torch.compiler.cudagraph_mark_step_begin()  # a new step for the CUDA graphs
+        mark_step(net)  # a new step for the CUDA graphs
         x, y = data.x[idx], data.y[idx]
-        if p.rotation > 0:
-            x = rotate(x, p.rotation, data.background, run.generator)
+        x = augment(x, p.rotation, p.translate, data.background, state.generator)
         out = net(x)
-        loss = F.nll_loss(out, y)
+        loss = smoothed_nll(out, y, p.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        run.scheduler.step()
+        state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update_parameters(state.model)
         loss_sum += loss.detach() * len(y)
         correct += (out.detach().argmax(dim=1) == y).sum()
         seen += len(y)
@@ -145,32 +169,33 @@ def train_epoch(run: Run, data: DeviceData, p: TrainParams, desc: str = "") -> t
     return loss_sum.item() / n, 100 * correct.item() / n
 
 
-def test_epoch(model: torch.nn.Module, data: DeviceData, batch_size: int) -> tuple[float, float]:
+def score(model, data: DeviceData, batch_size: int = TEST_BATCH_SIZE) -> tuple[float, float]:
     """(mean loss, accuracy %) of MODEL on DATA, in eval mode."""
     out = predict(model, data.x, batch_size)
     loss = F.nll_loss(out, data.y, reduction="sum").item() / len(data)
     return loss, 100 * (out.argmax(dim=1) == data.y).sum().item() / len(data)
 
 
-def fit(run: Run, train_data: DeviceData, test_data: DeviceData, p: TrainParams,
-        eval_batch_size: int, on_epoch=None) -> list[dict]:
-    """Train from RUN.epoch to P.epochs, calling ON_EPOCH(run) after each epoch."""
-    while run.epoch < p.epochs:
-        epoch = run.epoch + 1
-        lr = run.optimizer.param_groups[0]["lr"]
+def fit(state: TrainState, train_data: DeviceData, test_data: DeviceData, p: TrainParams,
+        on_epoch=None) -> list[dict]:
+    """Train from STATE.epoch to P.epochs, calling ON_EPOCH(state) after each epoch."""
+    while state.epoch < p.epochs:
+        epoch = state.epoch + 1
+        lr = state.optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
-        train_loss, train_acc = train_epoch(run, train_data, p, desc=f"epoch {epoch}/{p.epochs}")
-        test_loss, test_acc = test_epoch(run.net, test_data, eval_batch_size)
+        train_loss, train_acc = train_epoch(state, train_data, p, desc=f"epoch {epoch}/{p.epochs}")
+        test_loss, test_acc = score(state.scored, test_data)
         seconds = time.perf_counter() - start
-        run.epoch = epoch
-        run.history.append({"epoch": epoch, "train/loss": train_loss, "train/acc": train_acc,
-                            "test/loss": test_loss, "test/acc": test_acc, "lr": lr})
+        state.epoch = epoch
+        state.history.append({"epoch": epoch, "train/loss": train_loss, "train/acc": train_acc,
+                              "test/loss": test_loss, "test/acc": test_acc, "lr": lr})
+        if on_epoch is not None:
+            on_epoch(state)
+        # after ON_EPOCH: once this line is out, the epoch's state is saved
         tqdm.write(f"epoch {epoch:2d}/{p.epochs}  train loss {train_loss:.4f} "
                    f"acc {train_acc:6.2f}%  test loss {test_loss:.4f} acc {test_acc:6.2f}%  "
                    f"lr {lr:.0e}  {seconds:5.1f}s")
-        if on_epoch is not None:
-            on_epoch(run)
-    return run.history
+    return state.history
 
 
 def log_epoch(live: Live, row: dict) -> None:
@@ -181,34 +206,36 @@ def log_epoch(live: Live, row: dict) -> None:
 
 
 def fingerprint(p: TrainParams, device: torch.device, *facts) -> str:
-    """What a resumable state must match: the train params, the device type, and FACTS
-    about the data (sizes, normalisation)."""
-    key = json.dumps([p.fingerprint(), device.type, *facts])
+    """What a resumable state must match: the train params, the device type, the code
+    that trains, and FACTS about the data (sizes, normalisation)."""
+    code = hashlib.sha256(b"".join(path.read_bytes() for path in CODE)).hexdigest()
+    key = json.dumps([p.fingerprint(), device.type, code, *facts])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def restore(p: TrainParams, device: torch.device, n_train: int, state_path: Path,
-            key: str) -> Run:
-    """A new run, or with `train.resume` the one saved in STATE_PATH if it matches KEY."""
-    run = new_run(p, device, n_train)
+            key: str) -> TrainState:
+    """A new state, or with `train.resume` the one saved in STATE_PATH if it matches KEY."""
+    state = new_state(p, device, n_train)
     if not p.resume or not state_path.exists():
-        return run
+        return state
     try:
-        state = load_torch(state_path, "resumable training state")
+        saved = load_torch(state_path, "resumable training state")
     except StageError:
         print(f"{state_path}: unreadable resumable state, ignored; starting from epoch 1")
-        return run
-    if not isinstance(state, dict) or state.get("fingerprint") != key:
-        print(f"{state_path}: made with other params or data, ignored; starting from epoch 1")
-        return run
+        return state
+    if not isinstance(saved, dict) or saved.get("fingerprint") != key:
+        print(f"{state_path}: made with other params, code or data, ignored; "
+              "starting from epoch 1")
+        return state
     try:
-        run.load_state_dict(state)
+        state.load_state_dict(saved)
     except (KeyError, RuntimeError, TypeError, ValueError):
         print(f"{state_path}: resumable state does not fit this run, ignored; "
               "starting from epoch 1")
-        return new_run(p, device, n_train)
-    print(f"{state_path}: resuming after epoch {run.epoch} of {p.epochs}")
-    return run
+        return new_state(p, device, n_train)
+    print(f"{state_path}: resuming after epoch {state.epoch} of {p.epochs}")
+    return state
 
 
 def main() -> None:
@@ -217,60 +244,58 @@ def main() -> None:
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--live", type=Path, required=True)
     args = parser.parse_args()
-    params = load_params()
-    p = params.train
+    p = load_params().train
     device = resolve_device(p.device)
-    if p.threads:
-        torch.set_num_threads(p.threads)
     mean, std = load_stats(args.data / "stats.json")
     train_data = to_device(*load_split(args.data / "train.pt"), mean, std, device)
     test_data = to_device(*load_split(args.data / "test.pt"), mean, std, device)
     state_path = args.models / "state.pt"
     key = fingerprint(p, device, len(train_data), len(test_data), mean, std)
-    run_ = restore(p, device, len(train_data), state_path, key)
+    state = restore(p, device, len(train_data), state_path, key)
     # zeros in eval mode: the summary must not touch the RNG or BatchNorm statistics
-    info = summary(run_.model, input_data=torch.zeros(1, 1, 28, 28, device=device),
+    info = summary(state.model, input_data=torch.zeros(1, 1, 28, 28, device=device),
                    mode="eval", verbose=0, col_names=("output_size", "num_params"))
     print(info)
     write_text(args.models / "summary.txt", f"{info}\n")
-    n_params = count_params(run_.model)
+    n_params = count_params(state.model)
     print(f"device {device}, {n_params} parameters, {len(train_data)} train / "
           f"{len(test_data)} test images, channels_last {switch(p.channels_last, device)}, "
           f"compile {switch(p.compile, device)}, "
           f"fast_dropout {switch(p.fast_dropout, device, 'cpu')}, "
-          f"{torch.get_num_threads()} CPU threads")
+          f"ema {p.ema or 'off'}, {torch.get_num_threads()} CPU threads")
 
     best_path = args.models / "best.pt"
-    if run_.best is not None:
-        save_torch(best_path, run_.best)
+    if state.best is not None:
+        save_torch(best_path, state.best)
 
-    def make_checkpoint(r: Run) -> dict:
-        return checkpoint(r.model, {"dropout": p.dropout}, epoch=r.epoch,
-                          test_accuracy=r.history[-1]["test/acc"],
+    def make_checkpoint(s: TrainState) -> dict:
+        weights = s.ema.module if s.ema is not None else s.model
+        return checkpoint(weights, {"dropout": p.dropout}, epoch=s.epoch,
+                          test_accuracy=s.history[-1]["test/acc"],
                           params=dataclasses.asdict(p), normalisation={"mean": mean, "std": std})
 
     with Live(dir=str(args.live), dvcyaml=False, save_dvc_exp=False, report=None) as live:
-        for row in run_.history:  # a resumed run replays its history into a clean folder
+        for row in state.history:  # a resumed run replays its history into a clean folder
             log_epoch(live, row)
 
-        def on_epoch(r: Run) -> None:
-            log_epoch(live, r.history[-1])
-            if r.best is None or r.history[-1]["test/acc"] > r.best["test_accuracy"]:
-                r.best = make_checkpoint(r)
-                save_torch(best_path, r.best)
-            save_torch(state_path, r.state_dict(key))
+        def on_epoch(s: TrainState) -> None:
+            log_epoch(live, s.history[-1])
+            if s.best is None or s.history[-1]["test/acc"] > s.best["test_accuracy"]:
+                s.best = make_checkpoint(s)
+                save_torch(best_path, s.best)
+            save_torch(state_path, s.state_dict(key))
 
-        fit(run_, train_data, test_data, p, params.evaluate.batch_size, on_epoch)
+        fit(state, train_data, test_data, p, on_epoch)
         live.summary["params"] = n_params
         # as the notebook reports them: the best of each over all epochs
-        live.summary["best"] = {"test_acc": run_.best["test_accuracy"],
-                                "test_epoch": run_.best["epoch"],
-                                "train_acc": max(row["train/acc"] for row in run_.history)}
+        live.summary["best"] = {"test_acc": state.best["test_accuracy"],
+                                "score": state.best["epoch"],
+                                "train_acc": max(row["train/acc"] for row in state.history)}
 
-    save_torch(args.models / "model.pt", make_checkpoint(run_))
-    print(f"final test accuracy {run_.history[-1]['test/acc']:.2f}%, "
-          f"best {run_.best['test_accuracy']:.2f}% (epoch {run_.best['epoch']})")
+    save_torch(args.models / "model.pt", make_checkpoint(state))
+    print(f"final test accuracy {state.history[-1]['test/acc']:.2f}%, "
+          f"best {state.best['test_accuracy']:.2f}% (epoch {state.best['epoch']})")
 
 
 if __name__ == "__main__":
-    run(main)
+    run_cli(main)

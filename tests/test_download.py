@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from torchvision.datasets import MNIST
 
-from conftest import assert_one_line_error, md5, run_stage
+from helpers import assert_one_line_error, md5, run_stage
 from stages import download
 from stages.common import StageError
 

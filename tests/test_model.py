@@ -10,8 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.common import StageError, load_torch, save_torch
-from stages.data import predict, resolve_device, rotate
-from stages.model import Dropout16, Net, checkpoint, count_params, from_checkpoint
+from stages.data import augment
+from stages.device import resolve_device
+from stages.model import Dropout16, Net, checkpoint, count_params, from_checkpoint, predict
+
+
+def rotate(x, degrees, background, generator):
+    return augment(x, degrees, 0.0, background, generator)
 
 
 def test_parameter_count_is_7776():
@@ -82,6 +87,24 @@ def test_rotation_is_seeded():
     assert torch.equal(a, b)
 
 
+def test_translation_shifts_each_image_by_at_most_translate_pixels():
+    x = torch.full((64, 1, 28, 28), -1.0)
+    x[:, :, 12:16, 12:16] = 2.0  # a 4x4 block in the middle
+    out = augment(x, 0.0, 2.0, -1.0, torch.Generator().manual_seed(0))
+    rows = (out[:, 0] == 2.0).any(dim=2).float().argmax(dim=1) - 12
+    cols = (out[:, 0] == 2.0).any(dim=1).float().argmax(dim=1) - 12
+    assert rows.abs().max() <= 2 and cols.abs().max() <= 2
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 5  # one shift per image
+    assert ((out == 2.0).sum(dim=(1, 2, 3)) == 16).all()  # moved, not resized
+
+
+def test_no_augmentation_returns_the_batch_and_draws_nothing():
+    x = torch.randn(4, 1, 28, 28)
+    g = torch.Generator().manual_seed(0)
+    assert augment(x, 0.0, 0.0, 0.0, g) is x
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = Net(dropout=0.05)
@@ -93,6 +116,20 @@ def test_checkpoint_round_trip(tmp_path):
     rebuilt = from_checkpoint(ckpt, str(path))
     x = torch.randn(4, 1, 28, 28)
     torch.testing.assert_close(predict(rebuilt, x, 2), predict(model, x, 3))
+
+
+def test_the_same_checkpoint_saves_to_the_same_bytes(tmp_path):
+    """torch.save names its archive after the file; save_torch must not depend on the
+    temporary name it writes through, or dvc.lock would change on every run."""
+    torch.manual_seed(0)
+    ckpt = checkpoint(Net(dropout=0.05), {"dropout": 0.05}, epoch=1)
+    save_torch(tmp_path / "a" / "model.pt", ckpt)
+    save_torch(tmp_path / "b" / "model.pt", ckpt)
+    save_torch(tmp_path / "other.pt", ckpt)
+    data = (tmp_path / "a" / "model.pt").read_bytes()
+    assert data == (tmp_path / "b" / "model.pt").read_bytes()
+    assert data == (tmp_path / "other.pt").read_bytes()
+    assert not list(tmp_path.glob("**/.*.tmp"))  # no temporary file left behind
 
 
 def test_checkpoint_is_a_snapshot_not_the_live_weights():

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from conftest import REPO, assert_one_line_error, run_stage
+from helpers import REPO, assert_one_line_error, run_stage
 from stages.common import StageError
 from stages.params import Params, TrainParams, load_params, parse_params
 
@@ -26,7 +29,7 @@ def raw() -> dict:
 def test_repo_params_load(raw):
     params = load_params(PARAMS_YAML)
     assert isinstance(params, Params)
-    for section in ("train", "evaluate"):
+    for section in ("train", "evaluate", "runtime"):
         assert set(raw[section]) == {f.name for f in dataclasses.fields(getattr(params, section))}
         for key, value in raw[section].items():
             assert getattr(getattr(params, section), key) == value, f"{section}.{key}"
@@ -57,7 +60,11 @@ def test_float_params_given_as_integers_become_floats(raw):
     ("start_div", 0.5, "is out of range; allowed: a number >= 1"),
     ("device", "tpu", "is out of range; allowed: auto or cpu or cuda"),
     ("nesterov", "yes", "is not true or false"),
-    ("compile", True, "is not a string"),
+    ("compile", "fast", "is out of range; allowed: auto or on or off"),
+    ("compile", 1, "is not a string"),
+    ("label_smoothing", 1.0, "is out of range; allowed: a number in [0, 1)"),
+    ("ema", -0.5, "is out of range; allowed: a number in [0, 1)"),
+    ("translate", 5, "is out of range; allowed: pixels in [0, 4]"),
 ])
 def test_bad_train_value(raw, key, value, problem):
     bad = copy.deepcopy(raw)
@@ -67,12 +74,37 @@ def test_bad_train_value(raw, key, value, problem):
     assert str(err.value).startswith(f"params.yaml: train.{key} = {value!r} {problem}")
 
 
-def test_dvc_yaml_makes_train_depend_on_every_train_param():
-    """A train param missing from dvc.yaml would not rerun the stage when it changes."""
+def test_dvc_yaml_makes_train_depend_on_every_train_param_and_no_evaluate_param():
+    """A train param missing from dvc.yaml would not rerun the stage when it changes; an
+    evaluate param listed there would retrain for a change that only evaluate sees."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     declared = set(stages["train"]["params"])
-    assert declared == {f"train.{f.name}" for f in dataclasses.fields(TrainParams)} | {
-        "evaluate.batch_size"}
+    assert declared == {f"train.{f.name}" for f in dataclasses.fields(TrainParams)} | {"runtime"}
+    for name in ("preprocess", "train", "evaluate"):
+        assert "runtime" in stages[name]["params"], name
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("on", "on"), ("off", "off"), ("'on'", "on"), ("auto", "auto"), ("true", "on"),
+    ("false", "off"), ("yes", "on"), ("no", "off")])
+def test_switches_take_on_and_off_unquoted(raw, tmp_path, text, expected):
+    """YAML 1.1 reads a bare on/off/yes/no as a boolean: the user means the word."""
+    yaml_text = re.sub(r"(?m)^(  (compile|channels_last|fast_dropout):).*$", rf"\1 {text}",
+                       PARAMS_YAML.read_text())
+    (tmp_path / "params.yaml").write_text(yaml_text)
+    p = load_params(tmp_path / "params.yaml").train
+    assert (p.compile, p.channels_last, p.fast_dropout) == (expected,) * 3
+
+
+@pytest.mark.parametrize("value", ["on", "off", "true"])
+def test_switches_set_with_dvc_exp_run_set_param(tmp_path, value):
+    """`dvc exp run -S train.compile=on` rewrites params.yaml with DVC's own code."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text(PARAMS_YAML.read_text())
+    apply_overrides(path, [f"train.compile={value}"])
+    assert load_params(path).train.compile == {"true": "on"}.get(value, value)
 
 
 def test_bad_evaluate_value(raw):
@@ -96,7 +128,7 @@ def edit(raw, change) -> dict:
     (lambda r: r["evaluate"].pop("max_errors"),
      "params.yaml: evaluate.max_errors is missing; add it (an integer >= 0"),
     (lambda r: r.update(optimiser={"lr": 0.1}),
-     "params.yaml: unknown key optimiser; allowed: train, evaluate"),
+     "params.yaml: unknown key optimiser; allowed: train, evaluate, runtime"),
     (lambda r: r.pop("evaluate"),
      "params.yaml: section evaluate is missing; add it"),
     (lambda r: r.update(train=[0.01, 0.9]),
@@ -114,7 +146,7 @@ def test_bad_structure(raw, change, message):
 @pytest.mark.parametrize("value", [None, [], "train: {}", 3])
 def test_file_not_a_mapping(value):
     with pytest.raises(StageError, match=r"^params\.yaml: the file must be a mapping with the "
-                                         r"sections train, evaluate$"):
+                                         r"sections train, evaluate, runtime$"):
         parse_params(value)
 
 
@@ -155,3 +187,50 @@ def test_train_command_rejects_a_bad_lr(tmp_path):
     line = assert_one_line_error(proc)
     assert line == "error: params.yaml: train.lr = -1 is out of range; allowed: a number > 0"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+# --- the runtime section, applied before torch starts -----------------------------
+
+def test_runtime_env_pins_the_instruction_set_and_threads():
+    from stages.runtime import pin
+
+    environ = {"ATEN_CPU_CAPABILITY": "avx512", "PATH": "/bin"}
+    pin("avx2", 2, environ)
+    assert environ == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                       "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                       "PATH": "/bin"}
+    pin("native", 1, environ)
+    assert environ == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": "/bin"}
+
+
+@pytest.mark.parametrize("cpu_isa, threads, capability", [("avx2", 1, "AVX2"),
+                                                          ("native", 1, None)])
+def test_a_stage_process_computes_with_the_pinned_runtime(tmp_path, cpu_isa, threads,
+                                                          capability):
+    """stages/__init__.py applies params.yaml's runtime before torch is imported."""
+    text = re.sub(r"(?m)^(  cpu_isa:).*$", rf"\1 {cpu_isa}", PARAMS_YAML.read_text())
+    text = re.sub(r"(?m)^(  threads:).*$", rf"\1 {threads}", text)
+    (tmp_path / "params.yaml").write_text(text)
+    code = ("import stages, torch; print(torch.backends.cpu.get_cpu_capability(), "
+            "torch.get_num_threads())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO),
+                                          "ATEN_CPU_CAPABILITY": "default"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    found, n = proc.stdout.split()
+    assert int(n) == threads
+    if capability:
+        assert found == capability
+    else:  # native: the user's ATEN_CPU_CAPABILITY=default is not kept either
+        assert found != "DEFAULT"
+
+
+def test_bad_runtime_values_are_one_line_errors(raw):
+    bad = copy.deepcopy(raw)
+    bad["runtime"]["cpu_isa"] = "avx512"
+    with pytest.raises(StageError, match=r"^params\.yaml: runtime\.cpu_isa = 'avx512' is out "
+                                         r"of range; allowed: avx2 or native$"):
+        parse_params(bad)
+    bad["runtime"].update(cpu_isa="avx2", threads=0)
+    with pytest.raises(StageError, match=r"runtime\.threads = 0 is out of range"):
+        parse_params(bad)

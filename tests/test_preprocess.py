@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_images, random_labels, write_idx
+from helpers import random_images, random_labels, write_idx
 from stages import preprocess
 from stages.common import StageError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from experiments.steps import STEPS_FILE, load_steps, overrides, wait_for_queue
 from stages.common import StageError
 
