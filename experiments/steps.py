@@ -1,39 +1,48 @@
-"""The documented improvement steps as named DVC experiments.
+"""The documented improvement steps as commits, each made from a real run.
 
-    python -m experiments.steps check           # validate experiments/steps.yaml
-    python -m experiments.steps run [--jobs N]  # run every step, then compare them
-    python -m experiments.steps compare         # only the comparison
+    python -m experiments.steps check               # validate experiments/steps.yaml
+    python -m experiments.steps commit [--jobs N]   # one `step-N: title` commit per step
+    python -m experiments.steps compare             # metrics and params, first vs last
 
-`run` uses `dvc exp run -n step-N -S key=value ...`; with --jobs above 1 it queues
-the steps and starts N queue workers, each with OMP_NUM_THREADS set so that the
-workers share the cores instead of fighting over them.
+`commit` needs a clean git tree. For each step of steps.yaml, in order, it writes the
+step's params into params.yaml, runs `dvc repro` and commits params.yaml, dvc.lock,
+metrics/ and plots/ as `step-N: <title>`; after the last step params.yaml is the
+recommended recipe. With --jobs above 1 the runs go to DVC's queue first, N at a time
+(the bytes are the same: each stage pins its thread count), and each step's commit is
+then made from its experiment with `dvc exp apply`.
+
+Git names these commits by message, so `dvc metrics diff ':/^step-1:' ':/^step-5:'`
+compares two steps in any clone, without training.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import subprocess
-import time
 from pathlib import Path
 
-
+from experiments.queue import output, run_queued, sh
 from stages.common import StageError, run_cli
 from stages.params import parse_params, read_yaml
 
 STEPS_FILE = Path(__file__).with_name("steps.yaml")
-FIELDS = {"title", "params", "target", "notebook", "analysis"}
+PARAMS_FILE = Path("params.yaml")
+FIELDS = {"title", "params", "target", "notebook", "analysis", "results"}
+REQUIRED = FIELDS - {"results"}
+# what a step commit holds: the params and everything the run wrote that git tracks
+COMMITTED = ["params.yaml", "dvc.lock", "metrics", "plots", "models/summary.txt"]
 
 
-def load_steps(path: Path = STEPS_FILE, params_path: Path = Path("params.yaml")) -> dict:
+def load_steps(path: Path = STEPS_FILE, params_path: Path = PARAMS_FILE) -> dict:
     """Steps by name, each checked: known fields, and overrides that params.yaml accepts."""
     steps, base = read_yaml(path), read_yaml(params_path)
     if not isinstance(steps, dict) or not steps:
         raise StageError(f"{path}: expected a mapping of step names to steps")
     for name, step in steps.items():
-        if not isinstance(step, dict) or set(step) != FIELDS:
-            raise StageError(f"{path}: {name} must have exactly the fields {sorted(FIELDS)}")
+        if not isinstance(step, dict) or not REQUIRED <= set(step) <= FIELDS:
+            raise StageError(f"{path}: {name} must have the fields {sorted(REQUIRED)} "
+                             "(and may have results)")
         if not isinstance(step["params"], dict) or not step["params"]:
             raise StageError(f"{path}: {name}.params must map params.yaml keys to values")
         merged = copy.deepcopy(base)
@@ -53,66 +62,51 @@ def overrides(step: dict) -> list[str]:
     return [arg for key, value in step["params"].items() for arg in ("-S", f"{key}={value}")]
 
 
-def sh(*cmd: str, env: dict | None = None) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env=env)
+def commit_message(name: str, step: dict) -> str:
+    return f"{name}: {step['title']}"
 
 
-def queue_status() -> str:
-    return subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True,
-                          check=True).stdout
+def require_clean_tree() -> None:
+    dirty = output("git", "status", "--porcelain", "--untracked-files=no").strip()
+    if dirty:
+        raise StageError("the git tree has uncommitted changes; commit or stash them first, "
+                         "so that each step commit holds only its run")
 
 
-def wait_for_queue(names: list[str], start_workers, status=queue_status,
-                   poll_s: float = 15) -> None:
-    """Wait until the queue is idle; fail if any of NAMES failed.
-
-    DVC's workers sometimes all stop while tasks are still queued
-    (treeverse/dvc#10562); START_WORKERS() starts them again then.
-    """
-    while True:
-        time.sleep(poll_s)
-        text = status()
-        if "Running" in text:
-            continue
-        if "Queued" not in text:
-            print(text)
-            break
-        if "Worker status: 0 active" in text:
-            start_workers()
-    failed = [line.split()[1] for line in text.splitlines()
-              if "Failed" in line and len(line.split()) > 1 and line.split()[1] in names]
-    if failed:
-        raise StageError(f"experiments {', '.join(failed)} failed; see `dvc queue logs NAME`")
+def commit_step(name: str, step: dict) -> None:
+    sh("git", "add", "-A", "--", *[path for path in COMMITTED if Path(path).exists()])
+    sh("git", "commit", "-q", "-m", commit_message(name, step))
 
 
-def run_steps(steps: dict, jobs: int) -> None:
-    if jobs <= 1:
+def commit_steps(steps: dict, jobs: int) -> None:
+    """One commit per step, in order, each from a real run of the current code."""
+    require_clean_tree()
+    if jobs > 1:
+        run_queued({name: overrides(step) for name, step in steps.items()}, jobs)
         for name, step in steps.items():
-            sh("dvc", "exp", "run", "-n", name, *overrides(step))
+            sh("dvc", "exp", "apply", name)
+            commit_step(name, step)
+        sh("dvc", "exp", "remove", *steps)
         return
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` uses
+
+    recipe = PARAMS_FILE.read_text()  # each step's overrides apply to this, as -S would
     for name, step in steps.items():
-        sh("dvc", "exp", "run", "--queue", "-n", name, *overrides(step))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-
-    def start_workers() -> None:
-        sh("dvc", "queue", "start", "--jobs", str(jobs),
-           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-
-    start_workers()
-    wait_for_queue(list(steps), start_workers)
+        PARAMS_FILE.write_text(recipe)
+        apply_overrides(PARAMS_FILE, [f"{k}={v}" for k, v in step["params"].items()])
+        sh("dvc", "repro")
+        commit_step(name, step)
 
 
 def compare(steps: dict) -> None:
-    names = list(steps)
-    sh("dvc", "exp", "show", "--only-changed", "--drop", "per_class|Created|State|Executor")
-    sh("dvc", "metrics", "diff", names[0], names[-1])
-    sh("dvc", "params", "diff", names[0], names[-1])
+    first, last = (f":/^{name}:" for name in (list(steps)[0], list(steps)[-1]))
+    sh("dvc", "metrics", "diff", first, last)
+    sh("dvc", "params", "diff", first, last)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("check", "run", "compare"))
+    parser.add_argument("command", choices=("check", "commit", "compare"))
     parser.add_argument("--jobs", type=int, default=1, help="parallel queue workers")
     args = parser.parse_args()
     steps = load_steps()
@@ -121,8 +115,8 @@ def main() -> None:
             print(f"{name}: {step['title']}: {' '.join(overrides(step)[1::2])}")
         return
     try:
-        if args.command == "run":
-            run_steps(steps, args.jobs)
+        if args.command == "commit":
+            commit_steps(steps, args.jobs)
         compare(steps)
     except subprocess.CalledProcessError as err:
         raise StageError(f"`{' '.join(err.cmd)}` failed with exit {err.returncode}") from None

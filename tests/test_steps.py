@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from helpers import REPO
-from experiments.steps import STEPS_FILE, load_steps, overrides, wait_for_queue
+from experiments.queue import wait_for_queue
+from experiments.steps import STEPS_FILE, load_steps, overrides
 from stages.common import StageError
 
 PARAMS = REPO / "params.yaml"
@@ -49,7 +50,7 @@ def test_a_step_missing_a_field_fails(tmp_path):
     del steps["step-1"]["analysis"]
     path = tmp_path / "steps.yaml"
     path.write_text(yaml.safe_dump(steps))
-    with pytest.raises(StageError, match="step-1 must have exactly the fields"):
+    with pytest.raises(StageError, match="step-1 must have the fields"):
         load_steps(path, PARAMS)
 
 
@@ -72,3 +73,77 @@ def test_wait_for_queue_restarts_workers_that_stopped_early_and_reports_failures
         wait_for_queue(["step-1", "step-2"], lambda: starts.append(1),
                        status=lambda: next(sequence), poll_s=0)
     assert starts == [1]
+
+
+# --- the step commits, made by a real `dvc repro` in a small repository ---------
+
+SCORE = """\
+import json, yaml
+p = yaml.safe_load(open("params.yaml"))["train"]
+json.dump({"accuracy": 90 + 100 * p["lr"], "dropout": p["dropout"]}, open("metrics/eval.json", "w"))
+"""
+
+
+@pytest.fixture
+def step_repo(tmp_path, monkeypatch):
+    """A git + DVC repository whose one stage turns train.lr into a metric."""
+    import subprocess
+
+    for var, value in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
+                       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(PARAMS.read_text())
+    (tmp_path / "score.py").write_text(SCORE)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({
+        "stages": {"score": {"cmd": "python score.py", "deps": ["score.py"],
+                             "params": ["train.lr", "train.dropout"],
+                             "outs": [{"metrics/eval.json": {"cache": False}}]}},
+        "metrics": ["metrics/eval.json"]}))
+    for cmd in (["git", "init", "-q", "-b", "main"], ["dvc", "init", "-q"],
+                ["git", "add", "-A"], ["git", "commit", "-q", "-m", "pipeline"]):
+        subprocess.run(cmd, check=True)
+    steps = {"step-1": {"title": "First", "params": {"train.lr": 0.01, "train.dropout": 0.1},
+                        "target": "t", "notebook": None, "analysis": "a"},
+             "step-2": {"title": "Second", "params": {"train.lr": 0.05},
+                        "target": "t", "notebook": None, "analysis": "a"}}
+    (tmp_path / "steps.yaml").write_text(yaml.safe_dump(steps, sort_keys=False))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_commit_makes_one_commit_per_step_from_a_real_run(step_repo):
+    import json
+    import subprocess
+
+    from experiments.steps import commit_steps
+
+    recipe = yaml.safe_load((step_repo / "params.yaml").read_text())
+    steps = load_steps(step_repo / "steps.yaml", step_repo / "params.yaml")
+    commit_steps(steps, jobs=1)
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              check=True).stdout
+
+    assert git("log", "--format=%s").splitlines()[:2] == ["step-2: Second", "step-1: First"]
+    assert git("status", "--porcelain", "--untracked-files=no") == ""
+    first = yaml.safe_load(git("show", git("rev-parse", ":/^step-1:").strip() + ":params.yaml"))
+    assert (first["train"]["lr"], first["train"]["dropout"]) == (0.01, 0.1)
+    # step 2's overrides apply to the recipe, not on top of step 1's
+    last = yaml.safe_load((step_repo / "params.yaml").read_text())
+    assert last["train"]["lr"] == 0.05 and last["train"]["dropout"] == recipe["train"]["dropout"]
+    diff = json.loads(subprocess.run(["dvc", "metrics", "diff", ":/^step-1:", ":/^step-2:",
+                                      "--json"], capture_output=True, text=True,
+                                     check=True).stdout)
+    change = diff["metrics/eval.json"]["accuracy"]
+    assert change["old"] == pytest.approx(91.0) and change["new"] == pytest.approx(95.0)
+
+
+def test_commit_refuses_a_dirty_tree(step_repo):
+    from experiments.steps import commit_steps
+
+    (step_repo / "score.py").write_text(SCORE + "\n# edited\n")
+    with pytest.raises(StageError, match="uncommitted changes"):
+        commit_steps(load_steps(step_repo / "steps.yaml", step_repo / "params.yaml"), jobs=1)

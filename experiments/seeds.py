@@ -1,0 +1,117 @@
+"""The recipe in params.yaml over several seeds, summarised in metrics/seeds.json.
+
+    python -m experiments.seeds run --seeds 1-5 [--jobs 2]   # queue, run, then summarise
+    python -m experiments.seeds summarise --seeds 1-5        # only read what ran
+
+`run` queues one DVC experiment per seed (`dvc exp run --queue -n seed-N -S
+train.seed=N`) and runs them on JOBS queue workers, one thread each (the runtime.threads
+param). Then it reads each experiment's per-epoch history from its commit and writes
+metrics/seeds.json: each seed's final and best test accuracy and the epoch of the best,
+the minimum, median and mean of the finals, and the params the seeds shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from experiments.queue import experiment_rev, read_at, run_queued
+from stages.common import StageError, run_cli, write_json
+from stages.params import read_yaml
+
+SEEDS_JSON = Path("metrics/seeds.json")
+TEST_ACC = "metrics/train/plots/metrics/test/acc.tsv"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'1-5' or '1,3,7' (or both, '1-3,8') as a sorted list of distinct seeds."""
+    seeds = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            seeds.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise StageError(f"--seeds {text}: expected seeds like 1-5 or 1,3,7") from None
+    if not seeds or min(seeds) < 0:
+        raise StageError(f"--seeds {text}: expected seeds >= 0, like 1-5")
+    return sorted(seeds)
+
+
+def seed_result(history: pd.DataFrame) -> dict:
+    """Final and best test accuracy of one run, from its per-epoch test accuracy."""
+    acc = history.set_index("step")["acc"]
+    return {"final": round(float(acc.iloc[-1]), 4), "best": round(float(acc.max()), 4),
+            "best_epoch": int(acc.idxmax()), "epochs": int(acc.index[-1])}
+
+
+def summarise(results: dict[int, dict], params: dict) -> dict:
+    """The seeds.json document: per seed, then min, median and mean of the finals."""
+    finals = [r["final"] for r in results.values()]
+    shared = {f"train.{k}": v for k, v in params["train"].items() if k != "seed"}
+    shared.update({f"runtime.{k}": v for k, v in params["runtime"].items()})
+    return {
+        "seeds": {str(seed): r for seed, r in sorted(results.items())},
+        "final": {"min": min(finals), "median": round(statistics.median(finals), 4),
+                  "mean": round(statistics.fmean(finals), 4), "n": len(finals)},
+        "params": shared,
+    }
+
+
+def read_results(seeds: list[int]) -> tuple[dict[int, dict], dict]:
+    """Each seed's result, read from the commit of its experiment, and the params the
+    first of them ran with (all share them except the seed; checked)."""
+    results, params = {}, None
+    for seed in seeds:
+        rev = experiment_rev(f"seed-{seed}")
+        history = pd.read_csv(io.StringIO(read_at(rev, TEST_ACC)), sep="\t")
+        results[seed] = seed_result(history)
+        ran = yaml.safe_load(read_at(rev, "params.yaml"))
+        if ran["train"].pop("seed") != seed:  # the rest must be the same for every seed
+            raise StageError(f"experiment seed-{seed} did not run with train.seed={seed}")
+        if params is not None and ran != params:
+            raise StageError(f"experiment seed-{seed} ran with other params than seed-{seeds[0]}; "
+                             "rerun them together")
+        params = ran
+    return results, params
+
+
+def table(doc: dict) -> str:
+    """seeds.json as the markdown table README shows."""
+    rows = ["| seed | final test % | best test % (epoch) |", "|---|---|---|"]
+    rows += [f"| {seed} | {r['final']:.2f} | {r['best']:.2f} ({r['best_epoch']}) |"
+             for seed, r in doc["seeds"].items()]
+    f = doc["final"]
+    rows.append(f"| **{f['n']} seeds** | min {f['min']:.2f}, median {f['median']:.2f}, "
+                f"mean {f['mean']:.2f} | |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("run", "summarise"))
+    parser.add_argument("--seeds", default="1-5", help="e.g. 1-5 or 1,3,7 (default 1-5)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel queue workers")
+    args = parser.parse_args()
+    seeds = parse_seeds(args.seeds)
+    read_yaml("params.yaml")  # a clear error outside the repository root
+    try:
+        if args.command == "run":
+            run_queued({f"seed-{s}": ["-S", f"train.seed={s}"] for s in seeds}, args.jobs)
+        results, params = read_results(seeds)
+    except subprocess.CalledProcessError as err:
+        raise StageError(f"`{' '.join(err.cmd)}` failed with exit {err.returncode}") from None
+    doc = summarise(results, params)
+    write_json(SEEDS_JSON, doc)
+    print(table(doc))
+    print(f"wrote {SEEDS_JSON}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

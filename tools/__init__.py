@@ -1,0 +1,1 @@
+"""Developer tools: generated docs and setup helpers; not pipeline stages."""
