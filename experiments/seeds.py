@@ -35,12 +35,13 @@ def parse_seeds(text: str) -> list[int]:
     seeds = set()
     try:
         for part in text.split(","):
-            first, _, last = part.partition("-")
-            seeds.update(range(int(first), int(last or first) + 1))
+            first, dash, last = part.partition("-")
+            low, high = int(first), int(last if dash else first)
+            if high < low:
+                raise ValueError
+            seeds.update(range(low, high + 1))
     except ValueError:
-        raise StageError(f"--seeds {text}: expected seeds like 1-5 or 1,3,7") from None
-    if not seeds or min(seeds) < 0:
-        raise StageError(f"--seeds {text}: expected seeds >= 0, like 1-5")
+        raise StageError(f"--seeds {text}: expected seeds >= 0 like 1-5 or 1,3,7") from None
     return sorted(seeds)
 
 
