@@ -17,12 +17,11 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from dvclive import Live
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchinfo import summary
 from tqdm import tqdm
 
 from stages.common import StageError, load_torch, run_cli, save_torch, write_text
@@ -30,6 +29,11 @@ from stages.data import DeviceData, augment, load_split, load_stats, to_device
 from stages.device import CompiledModel, compile_model, mark_step, resolve_device, switch
 from stages.model import Net, checkpoint, count_params, predict
 from stages.params import TrainParams, load_params
+
+# DVC's tools are imported in main() only: the training functions also run where they
+# are not installed (benchmarks/gpu_check.py on a bare GPU machine)
+if TYPE_CHECKING:
+    from dvclive import Live
 
 POSTFIX_EVERY = 50  # steps between progress-bar updates (each one syncs the device)
 # the per-epoch test pass's batch: a speed setting only (1000 gave bit-identical results)
@@ -239,6 +243,9 @@ def restore(p: TrainParams, device: torch.device, n_train: int, state_path: Path
 
 
 def main() -> None:
+    from dvclive import Live
+    from torchinfo import summary
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--models", type=Path, required=True)
@@ -289,7 +296,7 @@ def main() -> None:
         live.summary["params"] = n_params
         # as the notebook reports them: the best of each over all epochs
         live.summary["best"] = {"test_acc": state.best["test_accuracy"],
-                                "score": state.best["epoch"],
+                                "test_epoch": state.best["epoch"],
                                 "train_acc": max(row["train/acc"] for row in state.history)}
 
     save_torch(args.models / "model.pt", make_checkpoint(state))

@@ -113,7 +113,7 @@ def test_train_evaluate_plot_stages_end_to_end(tmp_path, prepared, params):
     assert summary["test"]["acc"] == pytest.approx(history["test/acc"].iloc[-1])
     assert summary["best"]["test_acc"] == pytest.approx(history["test/acc"].max())
     assert summary["best"]["train_acc"] == pytest.approx(history["train/acc"].max())
-    assert summary["best"]["score"] == best["epoch"]
+    assert summary["best"]["test_epoch"] == best["epoch"]
 
     proc = run_stage("stages.evaluate", "--model", "models/model.pt", "--data", "data/prepared",
                      "--metrics", "metrics/eval.json", "--confusion", "plots/confusion.csv",

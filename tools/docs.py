@@ -1,0 +1,420 @@
+"""The generated blocks of README.md and docs/*.md, rebuilt from the files the runs wrote.
+
+    python -m tools.docs           # rewrite every generated block
+    python -m tools.docs --check   # one line per stale block, and exit 1 if there is one
+
+A generated block sits between two HTML comments, `generated: NAME` and `end: NAME`
+(see BLOCK), and GENERATORS[NAME](root) writes what goes between them. Most read the
+working tree's metrics; `steps` and `step_notes` read each step of
+experiments/steps.yaml from its commit, the youngest whose message starts with
+`step-N:` (`git rev-parse ':/^step-N:'`), as `python -m experiments.steps commit` makes
+them. Run from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from experiments.seeds import SEEDS_JSON
+from experiments.seeds import table as seeds_table
+from experiments.steps import PARAMS_FILE, load_steps
+from stages.common import StageError, read_json, run_cli, write_text
+from stages.params import read_yaml
+
+BLOCK = re.compile(r"<!-- generated: (?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- end: (?P=name) -->",
+                   re.S)
+OPENING = re.compile(r"<!-- generated: ([\w-]+) -->")
+EVAL_JSON = Path("metrics/eval.json")
+TRAIN_JSON = Path("metrics/train/metrics.json")
+HISTORY = Path("metrics/train/plots/metrics")  # DVCLive's per-epoch TSVs
+BENCHMARK_JSON = Path("benchmarks/results-cpu.json")
+STEPS_YAML = Path("experiments/steps.yaml")
+NO_GPU = ("No GPU measurements yet: run `make gpu-check` on a machine with a CUDA GPU "
+          "(docs/gpu.md).")
+DASH = "—"
+
+
+def markdown_files(root: Path) -> list[Path]:
+    """README.md and docs/*.md: the files that may hold generated blocks."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+# --- the headline: the working tree's run ----------------------------------------
+
+def best_epoch(training: dict) -> int:
+    """The epoch of the best test accuracy in a train stage's metrics.json."""
+    best = training["best"]
+    # test_epoch is the key; stages/train.py as of 565a27c writes it as `score`
+    return best["test_epoch"] if "test_epoch" in best else best["score"]
+
+
+def result_markdown(evaluation: dict, training: dict) -> str:
+    """One table row: final test accuracy, errors, parameters, epochs, the best epoch."""
+    best = training["best"]
+    return "\n".join([
+        "| test accuracy | test errors | parameters | epochs | best test accuracy (epoch) |",
+        "|---|---|---|---|---|",
+        f"| **{evaluation['accuracy']:.2f} %** | {evaluation['errors']:,} | "
+        f"{evaluation['params']:,} | {training['step']} | "
+        f"{best['test_acc']:.2f} % ({best_epoch(training)}) |",
+    ])
+
+
+def result_block(root: Path) -> str:
+    return result_markdown(read_json(root / EVAL_JSON, "evaluation metrics"),
+                           read_json(root / TRAIN_JSON, "training metrics"))
+
+
+def read_history(path: Path) -> dict[int, float]:
+    """A DVCLive TSV (step, value) as {epoch: value}."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f, delimiter="\t"))
+    except FileNotFoundError:
+        raise StageError(f"{path}: per-epoch history not found; run the train stage "
+                         "(dvc repro)") from None
+    return {int(step): float(value) for step, value in rows[1:]}
+
+
+def epochs_markdown(test_acc: dict[int, float], train_acc: dict[int, float]) -> str:
+    """Test and train accuracy per epoch, one column per epoch."""
+    epochs = sorted(test_acc)
+    return "\n".join([
+        "| epoch | " + " | ".join(str(e) for e in epochs) + " |",
+        "|---|" + "---|" * len(epochs),
+        "| test % | " + " | ".join(f"{test_acc[e]:.2f}" for e in epochs) + " |",
+        "| train % | " + " | ".join(f"{train_acc[e]:.2f}" if e in train_acc else DASH
+                                   for e in epochs) + " |",
+    ])
+
+
+def epochs_block(root: Path) -> str:
+    return epochs_markdown(read_history(root / HISTORY / "test/acc.tsv"),
+                           read_history(root / HISTORY / "train/acc.tsv"))
+
+
+# --- the steps: each read from its commit ----------------------------------------
+
+@dataclass(frozen=True)
+class StepRun:
+    """What one step's commit holds: its metrics files, parsed."""
+
+    commit: str
+    evaluation: dict  # metrics/eval.json
+    training: dict    # metrics/train/metrics.json
+
+
+def git_text(root: Path, *args: str) -> str | None:
+    """git's output, or None where git fails (no such commit or file)."""
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else None
+
+
+def step_run(name: str, root: Path) -> StepRun:
+    """The metrics of step NAME, read from the youngest commit named `NAME: ...`."""
+    commit = git_text(root, "rev-parse", "--verify", "--quiet", f":/^{name}:")
+    if commit is None:
+        raise StageError(f"{name} has no commit (none whose message starts with '{name}:'); "
+                         "make the step commits with `python -m experiments.steps commit`")
+    commit = commit.strip()
+    files = {}
+    for key, path in (("evaluation", EVAL_JSON), ("training", TRAIN_JSON)):
+        text = git_text(root, "show", f"{commit}:{path.as_posix()}")
+        if text is None:
+            raise StageError(f"{name}: its commit {commit[:7]} has no {path}; remake the step "
+                             "commits with `python -m experiments.steps commit`")
+        try:
+            files[key] = json.loads(text)
+        except ValueError:
+            raise StageError(f"{name}: {path} in commit {commit[:7]} is not JSON") from None
+    return StepRun(commit, **files)
+
+
+def step_runs(steps: dict, root: Path) -> dict[str, StepRun]:
+    return {name: step_run(name, root) for name in steps}
+
+
+def _value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def settings(step: dict) -> str:
+    """The params a step sets, as `key=value`; train.* keys without their section."""
+    return ", ".join(f"{key.removeprefix('train.')}={_value(value)}"
+                     for key, value in step["params"].items())
+
+
+def notebook_cell(step: dict) -> str:
+    nb = step.get("notebook")
+    if not nb:
+        return DASH
+    return f"{nb['best_train']:.2f} / {nb['best_test']:.2f} ({nb['best_test_epoch']})"
+
+
+def steps_markdown(steps: dict, runs: dict[str, StepRun]) -> str:
+    """One row per step: what it sets, and its run's final and best accuracy."""
+    rows = ["| step | title | sets (`train.` keys) | final test % | best test % (epoch) "
+            "| best train % | notebook: best train / best test (epoch) |",
+            "|---|---|---|---|---|---|---|"]
+    for name, step in steps.items():
+        run = runs[name]
+        best = run.training["best"]
+        rows.append(f"| {name} | {step['title']} | {settings(step)} | "
+                    f"{run.evaluation['accuracy']:.2f} | {best['test_acc']:.2f} "
+                    f"({best_epoch(run.training)}) | {best['train_acc']:.2f} | "
+                    f"{notebook_cell(step)} |")
+    return "\n".join(rows)
+
+
+def step_notes_markdown(steps: dict, runs: dict[str, StepRun]) -> str:
+    """Per step: a heading, its params, and its Target, Results and Analysis."""
+    parts = []
+    for name, step in steps.items():
+        run = runs[name]
+        best = run.training["best"]
+        results = (f"final test accuracy {run.evaluation['accuracy']:.2f} % "
+                   f"({run.evaluation['errors']} errors), best {best['test_acc']:.2f} % at "
+                   f"epoch {best_epoch(run.training)}; best train accuracy "
+                   f"{best['train_acc']:.2f} %.")
+        nb = step.get("notebook")
+        if nb:
+            results += (f" The notebook: best train {nb['best_train']:.2f} %, best test "
+                        f"{nb['best_test']:.2f} % (epoch {nb['best_test_epoch']}).")
+        if step.get("results"):
+            results += f" {step['results'].strip()}"
+        sets = ", ".join(f"`{key}={_value(value)}`" for key, value in step["params"].items())
+        parts.append("\n\n".join([
+            f"### {name}: {step['title']}",
+            f"Sets {sets}.",
+            f"**Target.** {step['target'].strip()}",
+            f"**Results.** {results[0].upper()}{results[1:]}",
+            f"**Analysis.** {step['analysis'].strip()}",
+        ]))
+    return "\n\n".join(parts)
+
+
+def _steps(root: Path) -> dict:
+    return load_steps(root / STEPS_YAML, root / PARAMS_FILE)
+
+
+def steps_block(root: Path) -> str:
+    steps = _steps(root)
+    return steps_markdown(steps, step_runs(steps, root))
+
+
+def step_notes_block(root: Path) -> str:
+    steps = _steps(root)
+    return step_notes_markdown(steps, step_runs(steps, root))
+
+
+# --- seeds, speed and the GPU: files that their commands wrote -------------------
+
+def params_drift(ran: dict, params: dict) -> list[str]:
+    """`key value (params.yaml: other)` for each param RAN holds that PARAMS sets otherwise."""
+    drift = []
+    for key, value in ran.items():
+        section, _, leaf = key.partition(".")
+        now = params.get(section, {}).get(leaf, DASH)
+        if now != value:
+            drift.append(f"`{key}` {_value(value)} (params.yaml: {_value(now)})")
+    return drift
+
+
+def seeds_markdown(doc: dict, params: dict) -> str:
+    """metrics/seeds.json's table, and a line if the seeds ran other params than PARAMS."""
+    text = seeds_table(doc)
+    drift = params_drift(doc.get("params", {}), params)
+    if drift:
+        text += ("\n\nThese seeds ran with params that params.yaml has since changed: "
+                 + ", ".join(drift) + ". Rerun them with `make seeds`.")
+    return text
+
+
+def seeds_block(root: Path) -> str:
+    path = root / SEEDS_JSON
+    if not path.exists():
+        return ("No seed results yet: run `make seeds` (`python -m experiments.seeds run "
+                "--seeds 1-5 --jobs 2`), then `python -m tools.docs`.")
+    return seeds_markdown(read_json(path, "seed results"), read_yaml(root / PARAMS_FILE))
+
+
+def benchmark_markdown(results: dict) -> str:
+    """benchmarks/train_speed.py's JSON as a table of images per second and ratios."""
+    a, b, c = (results[f"{k}_img_s"] for k in ("project", "baseline", "ceiling"))
+    size = (f"\n\nEach speed is the fastest of {results['rounds']} rounds of "
+            f"{results['train_images']:,} training images." if "rounds" in results else "")
+    return "\n".join([
+        "| device | torch | (a) project img/s | (b) DataLoader img/s | (c) ceiling img/s "
+        "| (a)/(b) | (a)/(c) | median of paired (a)/(b), (a)/(c) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {results['device']} | {results['torch']} | {a:,.0f} | {b:,.0f} | {c:,.0f} | "
+        f"{a / b:.2f}× | {a / c:.2f}× | {results['paired_vs_baseline']:.2f}×, "
+        f"{results['paired_vs_ceiling']:.2f}× |",
+    ]) + size
+
+
+def benchmark_block(root: Path) -> str:
+    path = root / BENCHMARK_JSON
+    if not path.exists():
+        return (f"No benchmark results yet: after `dvc repro preprocess`, run "
+                f"`python -m benchmarks.train_speed --out {BENCHMARK_JSON}`, then "
+                "`python -m tools.docs`.")
+    return benchmark_markdown(read_json(path, "benchmark results"))
+
+
+def gpu_block(root: Path) -> str:
+    """The GPU check's table: benchmarks.gpu_check.gpu_table of its RESULTS file."""
+    try:
+        gpu_check = importlib.import_module("benchmarks.gpu_check")
+    except ModuleNotFoundError as err:
+        if err.name != "benchmarks.gpu_check":
+            raise
+        return NO_GPU
+    if not hasattr(gpu_check, "RESULTS") or not hasattr(gpu_check, "gpu_table"):
+        raise StageError("benchmarks/gpu_check.py: tools.docs needs its RESULTS (the "
+                         "results file's path) and gpu_table(results)")
+    path = root / gpu_check.RESULTS
+    if not path.exists():
+        return NO_GPU
+    return gpu_check.gpu_table(read_json(path, "GPU check results"))
+
+
+GENERATORS: dict[str, Callable[[Path], str]] = {
+    "result": result_block,
+    "epochs": epochs_block,
+    "steps": steps_block,
+    "step_notes": step_notes_block,
+    "seeds": seeds_block,
+    "benchmark": benchmark_block,
+    "gpu": gpu_block,
+}
+
+
+# --- links and headings, as GitHub renders them ---------------------------------
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$")
+SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def prose_lines(text: str, code_text: bool = False) -> list[str]:
+    """TEXT's lines outside fenced code blocks, without inline code spans (with
+    CODE_TEXT, without only their backticks)."""
+    lines, fence = [], None
+    for line in text.splitlines():
+        marker = re.match(r"\s*(```|~~~)", line)
+        if marker and (fence is None or marker[1] == fence):
+            fence = None if fence else marker[1]
+            continue
+        if fence is None:
+            lines.append(line.replace("`", "") if code_text else re.sub(r"`[^`]*`", "", line))
+    return lines
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: its text lowercased, punctuation other than
+    '-' and '_' dropped, each space a '-'."""
+    text = LINK.sub(lambda m: m.group(0)[1:m.group(0).index("]")], heading)
+    return re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors of TEXT's headings; a repeated one gets -1, -2, ... as on GitHub."""
+    seen: dict[str, int] = {}
+    result = set()
+    for line in prose_lines(text, code_text=True):
+        m = HEADING.match(line)
+        if not m:
+            continue
+        slug = github_slug(m[1])
+        result.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return result
+
+
+def relative_links(text: str) -> list[str]:
+    """The targets of TEXT's links and images that are not URLs (`path`, `#anchor`,
+    `path#anchor`), outside code."""
+    return [target for line in prose_lines(text) for target in LINK.findall(line)
+            if not SCHEME.match(target)]
+
+
+# --- finding and rewriting the blocks --------------------------------------------
+
+def block_names(text: str, source: str) -> list[str]:
+    """The names of TEXT's generated blocks; an unclosed or unknown one is an error."""
+    names = [m["name"] for m in BLOCK.finditer(text)]
+    opened = OPENING.findall(text)
+    if opened != names:
+        unclosed = next(n for i, n in enumerate(opened) if i >= len(names) or names[i] != n)
+        raise StageError(f"{source}: generated block {unclosed} has no end marker "
+                         f"(<!-- end: {unclosed} -->)")
+    for name in names:
+        if name not in GENERATORS:
+            raise StageError(f"{source}: unknown generated block {name}; "
+                             f"known: {', '.join(GENERATORS)}")
+    return names
+
+
+def render(text: str, blocks: dict[str, str]) -> str:
+    """TEXT with each generated block's body replaced by BLOCKS[name]."""
+    def body(m: re.Match) -> str:
+        name = m["name"]
+        return f"<!-- generated: {name} -->\n\n{blocks[name].strip()}\n\n<!-- end: {name} -->"
+    return BLOCK.sub(body, text)
+
+
+def stale_blocks(text: str, blocks: dict[str, str]) -> list[str]:
+    """The names of TEXT's blocks whose body differs from what render would write."""
+    fresh = {m["name"]: m.group(0) for m in BLOCK.finditer(render(text, blocks))}
+    return [m["name"] for m in BLOCK.finditer(text) if m.group(0) != fresh[m["name"]]]
+
+
+def refresh(root: Path, check: bool) -> list[str]:
+    """Rewrite (or, with CHECK, only compare) every generated block under ROOT.
+
+    Returns one line per stale block (check) or per rewritten file (otherwise).
+    """
+    if not (root / "README.md").is_file():
+        raise StageError(f"{root / 'README.md'}: not found; run from the repository root")
+    texts = {path: path.read_text() for path in markdown_files(root)}
+    names = {path: block_names(text, str(path.relative_to(root))) for path, text in texts.items()}
+    blocks = {name: GENERATORS[name](root) for name in dict.fromkeys(sum(names.values(), []))}
+    lines = []
+    for path, text in texts.items():
+        stale = stale_blocks(text, blocks)
+        if not stale:
+            continue
+        where = path.relative_to(root)
+        if check:
+            lines += [f"{where}: block {name} is stale; run `python -m tools.docs`"
+                      for name in stale]
+        else:
+            write_text(path, render(text, blocks))
+            lines.append(f"updated {where}: {', '.join(stale)}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; list stale blocks and exit 1 if any")
+    args = parser.parse_args(argv)
+    lines = refresh(Path.cwd(), args.check)
+    print("\n".join(lines) if lines else "every generated block is current")
+    return 1 if args.check and lines else 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: sys.exit(main()))
