@@ -1,0 +1,416 @@
+"""GPU check: the CUDA tests, training on CUDA with compile on and off, and the speed
+benchmark, in one run that writes one JSON file (docs/gpu.md).
+
+Run from the repository root on a machine with a CUDA GPU (`make gpu-check`):
+
+    python -m benchmarks.gpu_check [--out FILE] [--budget SECONDS] [--data DIR]
+    python -m benchmarks.gpu_check --cpu-smoke --epochs 1   # the script itself, on the CPU
+
+It needs torch, pytest, pyyaml, tqdm, numpy, pandas and matplotlib, not DVC: the
+training runs call stages.train's functions directly, with params.yaml's train section.
+The speed benchmark also needs torchvision. Each part that fails is recorded in the
+JSON and the next one runs; the file is rewritten after every part, so a run cut
+short keeps what it measured. Parts that would start after the time budget is spent
+are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import platform
+import re
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from stages.common import StageError, run_cli, write_json
+from stages.data import DeviceData, load_split, load_stats, to_device
+from stages.device import is_compiled, switch
+from stages.params import TrainParams, load_params
+from stages.train import fit, new_state
+
+RESULTS = Path("benchmarks/results-gpu.json")  # beside results-cpu.json; tools.docs reads it
+SCHEMA = 1  # the JSON's layout version
+BUDGET_S = 480  # the whole check: about 8 minutes, so that it fits one slot on a lent GPU
+TESTS_TIMEOUT_S = 240  # the CUDA tests' share of it, compiling included
+MIN_PART_S = 30  # a part that would start with less time left is skipped
+CUDA_TESTS = "tests/test_cuda.py"
+SETTINGS = ("auto", "off")  # train.compile for the two training runs; auto is on for CUDA
+# the IDX files that torchvision's MNIST reads, for the benchmark's DataLoader baseline
+IDX = {"images": (2051, "images-idx3-ubyte"), "labels": (2049, "labels-idx1-ubyte")}
+IDX_PREFIX = {"train": "train", "test": "t10k"}
+OK = ("ok", "skipped")  # the statuses that are not a failure
+
+
+@dataclass
+class Budget:
+    """Seconds for the whole check, counted from its creation."""
+
+    total_s: float
+    start: float = field(default_factory=time.perf_counter)
+
+    def left(self) -> float:
+        return self.total_s - (time.perf_counter() - self.start)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+class OutOfTime(Exception):
+    """The budget ran out between two epochs."""
+
+
+def one_line(err: BaseException) -> str:
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text}"[:300].rstrip(": ")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a host timer reads their end."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "python": platform.python_version(),
+    }
+
+
+def run_part(name: str, fn, skip: str | None = None) -> dict:
+    """FN's result dict, or {status: skipped, reason: SKIP}, or {status: error, error}."""
+    if skip:
+        print(f"--- {name}: skipped ({skip})", flush=True)
+        return {"status": "skipped", "reason": skip}
+    print(f"--- {name}", flush=True)
+    start = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 - recorded, and the next part runs
+        result = {"status": "error", "error": one_line(err)}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    print(f"--- {name}: {result['status']} in {result['seconds']} s"
+          + (f" ({result['error']})" if "error" in result else ""), flush=True)
+    return result
+
+
+# --- the CUDA tests, in a pytest subprocess --------------------------------------
+
+def junit_counts(xml_text: str) -> dict:
+    """Passed, failed, errors and skipped from pytest's JUnit XML, with the first line
+    of each failure's message."""
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failures, reasons = [], set()
+    for case in ET.fromstring(xml_text).iter("testcase"):
+        outcome = next((child for child in case
+                        if child.tag in ("failure", "error", "skipped")), None)
+        key = {"failure": "failed", "error": "errors", "skipped": "skipped"}.get(
+            getattr(outcome, "tag", None), "passed")
+        counts[key] += 1
+        message = "" if outcome is None else (outcome.get("message") or "").strip()
+        first = message.splitlines()[0][:300] if message else ""
+        if key in ("failed", "errors"):
+            failures.append({"test": case.get("name"), "message": first})
+        elif key == "skipped" and first:
+            reasons.add(first)
+    return {**counts, "failures": failures, "skip_reasons": sorted(reasons)}
+
+
+def cuda_tests(timeout_s: float) -> dict:
+    """Run CUDA_TESTS (pytest -m cuda) in a subprocess; count the outcomes.
+
+    pytest-timeout's `timeout` option in pyproject.toml is only a warning where that
+    plugin is missing; `-p no:timeout` makes that so everywhere (TIMEOUT_S bounds it)."""
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        xml = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", CUDA_TESTS, "-m", "cuda", "-q", "--tb=short",
+               "-p", "no:cacheprovider", "-p", "no:timeout", f"--junitxml={xml}"]
+        try:
+            proc = subprocess.run(cmd, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"status": "error", "error": f"timed out after {timeout_s:.0f} s"}
+        if not xml.exists():
+            return {"status": "error", "error": f"pytest exited {proc.returncode} "
+                    "without a report"}
+        counts = junit_counts(xml.read_text())
+    if counts["failed"] or counts["errors"]:
+        status = "failed"
+    elif counts["passed"]:
+        status = "ok"
+    else:
+        status = "skipped" if counts["skipped"] else "error"
+    return {"status": status, "exit_code": proc.returncode, **counts}
+
+
+# --- training on the real data ---------------------------------------------------
+
+def load_data(data_dir: Path, device: torch.device) -> tuple[DeviceData, DeviceData]:
+    mean, std = load_stats(data_dir / "stats.json")
+    return tuple(to_device(*load_split(data_dir / f"{split}.pt"), mean, std, device)
+                 for split in ("train", "test"))
+
+
+def measure_training(p: TrainParams, train: DeviceData, test: DeviceData,
+                     device: torch.device, budget: Budget) -> dict:
+    """Train P from scratch, as the train stage does: the wall time, each epoch's time
+    (its test pass included) and test accuracy.
+
+    The first epoch holds compiling and CUDA-graph recording, so the later epochs'
+    mean is the speed of training itself. The device is synchronised at each epoch's
+    end, so host timers measure its kernels' work.
+    """
+    synchronize(device)
+    start = time.perf_counter()
+    state = new_state(p, device, len(train))
+    marks = [time.perf_counter()]
+
+    def on_epoch(s) -> None:
+        synchronize(device)
+        marks.append(time.perf_counter())
+        if s.epoch < p.epochs and budget.left() <= 0:
+            raise OutOfTime
+
+    stopped = False
+    try:
+        fit(state, train, test, p, on_epoch)
+    except OutOfTime:
+        stopped = True
+    epoch_s = [b - a for a, b in zip(marks, marks[1:])]
+    later = epoch_s[1:]
+    result = {
+        "status": "partial" if stopped else "ok",
+        "compile": p.compile,
+        "compiled": is_compiled(state.net),  # false if compiling failed and it fell back
+        "epochs": state.epoch,
+        "wall_s": round(marks[-1] - start, 2),
+        "first_epoch_s": round(epoch_s[0], 2),
+        "later_epoch_mean_s": round(statistics.mean(later), 3) if later else None,
+        "epoch_s": [round(s, 3) for s in epoch_s],
+        "test_acc": [row["test/acc"] for row in state.history],
+        "final_test_acc": state.history[-1]["test/acc"],
+    }
+    if stopped:
+        result["reason"] = f"time budget spent after epoch {state.epoch} of {p.epochs}"
+    return result
+
+
+# --- the speed benchmark, in a subprocess ----------------------------------------
+
+def write_idx_files(data_dir: Path, raw_dir: Path) -> None:
+    """The four MNIST IDX files that DATA_DIR's splits were made from, rebuilt from them
+    (preprocess keeps every byte), for the benchmark's torchvision baseline."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for split, prefix in IDX_PREFIX.items():
+        images, labels = load_split(data_dir / f"{split}.pt")
+        for kind, tensor in (("images", images), ("labels", labels.to(torch.uint8))):
+            magic, name = IDX[kind]
+            header = struct.pack(f">{1 + tensor.dim()}I", magic, *tensor.shape)
+            data = tensor.contiguous().numpy().tobytes()
+            (raw_dir / f"{prefix}-{name}").write_bytes(header + data)
+
+
+def last_message(stderr: str) -> str:
+    """The line of STDERR that says why a command failed: its `error: ...` line or a
+    traceback's last line, not a progress bar's remains."""
+    lines = [line.strip() for line in re.split(r"[\r\n]", stderr)]
+    lines = [line for line in lines if line and "|" not in line]  # tqdm bars have a |
+    return next((line for line in reversed(lines) if line.startswith("error: ")),
+                lines[-1] if lines else "no output")[:300]
+
+
+def benchmark_result(stdout: str) -> dict:
+    """The benchmark's closing JSON line, with (a)/(b) of its best-of-rounds speeds."""
+    line = next((line for line in reversed(stdout.splitlines()) if line.startswith("{")), None)
+    if line is None:
+        raise ValueError("the benchmark printed no JSON line")
+    result = json.loads(line)
+    result["a_over_b"] = round(result["project_img_s"] / result["baseline_img_s"], 3)
+    return result
+
+
+def benchmark(data_dir: Path, timeout_s: float, batches: int, repeat: int) -> dict:
+    """benchmarks.train_speed --json on DATA_DIR, with params.yaml; its numbers."""
+    with tempfile.TemporaryDirectory(prefix="gpu-check-raw-") as raw:
+        write_idx_files(data_dir, Path(raw))
+        cmd = [sys.executable, "-m", "benchmarks.train_speed", "--json", "--data", str(data_dir),
+               "--raw", raw, "--batches", str(batches), "--repeat", str(repeat)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"status": "error", "error": f"timed out after {timeout_s:.0f} s"}
+    print(proc.stdout, end="", flush=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], end="", file=sys.stderr, flush=True)
+        return {"status": "error",
+                "error": f"exited {proc.returncode}: {last_message(proc.stderr)}"}
+    return {"status": "ok", **benchmark_result(proc.stdout)}
+
+
+# --- the whole check -------------------------------------------------------------
+
+def run_check(p: TrainParams, data_dir: Path, device: torch.device, budget: Budget,
+              out: Path | None = None, bench_batches: int = 0, bench_repeat: int = 3) -> dict:
+    """Every part in turn; the results, also written to OUT after each part.
+
+    The CUDA tests and the benchmark run only on CUDA; on the CPU (a smoke run of
+    this script) they are recorded as skipped."""
+    results = {"schema": SCHEMA,
+               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "budget_s": budget.total_s, "environment": environment(device),
+               "params": dataclasses.asdict(p), "data": str(data_dir)}
+    no_cuda = None if device.type == "cuda" else f"needs CUDA; this run is on the {device.type}"
+
+    def save() -> None:
+        results["elapsed_s"] = round(budget.elapsed(), 1)
+        if out is not None:
+            write_json(out, results)
+
+    def skip(reason: str | None) -> str | None:
+        if reason is None and budget.left() < MIN_PART_S:
+            return f"time budget spent ({budget.total_s:.0f} s)"
+        return reason
+
+    timeout = min(TESTS_TIMEOUT_S, budget.left())
+    results["cuda_tests"] = run_part("CUDA tests", lambda: cuda_tests(timeout), skip(no_cuda))
+    save()
+
+    @functools.cache
+    def data() -> tuple[DeviceData, DeviceData]:  # loaded once, by the first training run
+        return load_data(data_dir, device)
+
+    def train(setting: str) -> dict:
+        return measure_training(dataclasses.replace(p, compile=setting), *data(), device, budget)
+
+    results["train"] = {}
+    for setting in SETTINGS:
+        results["train"][f"compile_{setting}"] = run_part(
+            f"training, train.compile {setting}", lambda: train(setting), skip(None))
+        save()
+    results["benchmark"] = run_part(
+        "speed benchmark", lambda: benchmark(data_dir, budget.left(), bench_batches, bench_repeat),
+        skip(no_cuda))
+    if results["benchmark"]["status"] == "ok":  # it trains with params.yaml's train.compile
+        results["benchmark"]["compile"] = "on" if switch(p.compile, device) else "off"
+    save()
+    return results
+
+
+def failed_parts(results: dict) -> list[str]:
+    parts = {"cuda_tests": results["cuda_tests"], "benchmark": results["benchmark"],
+             **{f"train {k}": v for k, v in results["train"].items()}}
+    return [name for name, part in parts.items() if part["status"] not in OK]
+
+
+# --- the README's table ----------------------------------------------------------
+
+DASH = "—"
+
+
+def _cell(part: dict, key: str, fmt: str) -> str:
+    value = part.get(key)
+    return DASH if value is None else format(value, fmt)
+
+
+def _run_header(name: str, run: dict) -> str:
+    if run.get("status") == "ok":
+        return name
+    if run.get("status") == "partial":
+        return f"{name} ({run.get('epochs')} epochs, budget spent)"
+    return f"{name} ({run.get('status', 'missing')})"
+
+
+def gpu_table(results: dict) -> str:
+    """A caption line and a markdown table of a gpu_check results dict: one column per
+    train.compile setting; the benchmark's (a)/(b) in the column of the setting it ran."""
+    env = results.get("environment", {})
+    tests = results.get("cuda_tests", {})
+    if tests.get("status") in ("ok", "failed"):
+        tests_text = (f"{tests['passed']} passed, {tests['failed'] + tests['errors']} failed, "
+                      f"{tests['skipped']} skipped")
+    else:
+        tests_text = tests.get("status", "not run")
+    caption = (f"{env.get('gpu') or 'no GPU (' + str(env.get('device')) + ')'}, "
+               f"torch {env.get('torch', DASH)}, CUDA {env.get('cuda') or DASH}; "
+               f"CUDA tests: {tests_text}.")
+    runs = [results.get("train", {}).get(f"compile_{s}", {}) for s in SETTINGS]
+    bench = results.get("benchmark", {})
+    bench_setting = "auto" if bench.get("compile") == "on" else "off"  # auto is on for CUDA
+    epochs = results.get("params", {}).get("epochs", DASH)
+    later = f"epochs 2–{epochs}" if isinstance(epochs, int) and epochs > 1 else "later epochs"
+    rows = [
+        ("ran compiled (CUDA graphs on CUDA)",
+         [DASH if "compiled" not in r else ("yes" if r["compiled"] else "no") for r in runs]),
+        (f"wall time, {epochs} epochs (s)", [_cell(r, "wall_s", ".1f") for r in runs]),
+        ("epoch 1: compiling, warm-up (s)", [_cell(r, "first_epoch_s", ".1f") for r in runs]),
+        (f"{later}, mean (s)", [_cell(r, "later_epoch_mean_s", ".2f") for r in runs]),
+        ("final test accuracy (%)", [_cell(r, "final_test_acc", ".2f") for r in runs]),
+        ("speed against the DataLoader pipeline, (a)/(b): best of rounds; paired median",
+         [f"{bench['a_over_b']:.2f}×; {bench['paired_vs_baseline']:.2f}×"
+          if bench.get("status") == "ok" and bench_setting == s else DASH for s in SETTINGS]),
+    ]
+    head = [_run_header(f"`train.compile` {s}", r) for s, r in zip(SETTINGS, runs)]
+    lines = [caption, "", f"| | {' | '.join(head)} |", "|---|" + "---:|" * len(SETTINGS)]
+    lines += [f"| {label} | {' | '.join(cells)} |" for label, cells in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"default: {RESULTS}")
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--budget", type=float, default=BUDGET_S,
+                        help=f"seconds for the whole check (default {BUDGET_S})")
+    parser.add_argument("--epochs", type=int, help="default: params.yaml's train.epochs")
+    parser.add_argument("--bench-batches", type=int, default=0,
+                        help="the benchmark's --batches (default 0: whole epochs)")
+    parser.add_argument("--bench-repeat", type=int, default=3, help="the benchmark's --repeat")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="run on the CPU to try the script: no CUDA tests, no benchmark")
+    args = parser.parse_args(argv)
+    budget = Budget(args.budget)
+    if (args.epochs is not None and args.epochs < 1) or args.budget <= 0 \
+            or args.bench_batches < 0 or args.bench_repeat < 1:
+        raise StageError("--epochs must be >= 1, --budget > 0, --bench-batches >= 0 and "
+                         "--bench-repeat >= 1")
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        raise StageError("torch sees no CUDA GPU; run the GPU check on a machine with one, "
+                         "or add --cpu-smoke to try it on the CPU")
+    p = load_params().train
+    if args.epochs is not None:
+        p = dataclasses.replace(p, epochs=args.epochs)
+    env = environment(device)
+    print(f"{env['gpu'] or 'no GPU, on the ' + device.type}, torch {env['torch']} "
+          f"(CUDA {env['cuda']}), "
+          f"Python {env['python']}; budget {args.budget:.0f} s", flush=True)
+    results = run_check(p, args.data, device, budget, args.out, args.bench_batches,
+                        args.bench_repeat)
+    print(f"\n{gpu_table(results)}\n\nwritten to {args.out} in {results['elapsed_s']} s",
+          flush=True)
+    failed = failed_parts(results)
+    if failed:
+        raise StageError(f"{', '.join(failed)} did not pass; details in {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,165 @@
+"""The CUDA path: compiled training (CUDA graphs) against eager, resuming, evaluation
+against the CPU, and predictions read out of CUDA-graph output buffers.
+
+Every test here needs a CUDA GPU: conftest skips them, with the reason, where torch
+sees none. On a GPU machine `make gpu-check` runs them (docs/gpu.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import REPO, tiny_split
+from stages.common import save_torch
+from stages.data import DeviceData, to_device
+from stages.device import compile_model, is_compiled, mark_step
+from stages.evaluate import evaluate
+from stages.model import checkpoint, from_checkpoint, predict
+from stages.params import load_params
+from stages.train import fingerprint, fit, new_state, restore, score, train_epoch
+
+pytestmark = pytest.mark.cuda  # every test in this file, including ones added later
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+MEAN, STD = 0.2, 0.35  # tiny_split's normalisation, as write_prepared records it
+
+
+@pytest.fixture
+def params():
+    """The repo's train params with small batches."""
+    return dataclasses.replace(load_params(REPO / "params.yaml").train, batch_size=32)
+
+
+@pytest.fixture
+def fresh_compiler():
+    """An empty torch.compile cache: Net.forward is one code object for every model, and
+    past dynamo's recompile limit the model runs eagerly, with only a logged warning."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
+def cuda_data(split: dict) -> DeviceData:
+    return to_device(split["images"], split["labels"], MEAN, STD, CUDA)
+
+
+def trained(p, n: int = 192, epochs: int = 3):
+    """A model after a few eager epochs on N tiny digits on CUDA, so that its outputs
+    differ clearly from image to image."""
+    p = dataclasses.replace(p, compile="off", epochs=epochs)
+    state = new_state(p, CUDA, n)
+    data = cuda_data(tiny_split(n, 0))
+    for _ in range(epochs):
+        train_epoch(state, data, p)
+    return state.model
+
+
+def test_compiled_steps_on_cuda_match_eager_steps(params, fresh_compiler):
+    """train.compile auto is on for CUDA: torch.compile with CUDA graphs. Nine steps of
+    it give the same losses as eager CUDA within 0.1 % and the same weights within
+    rtol 1e-3 / atol 1e-4 (Inductor fuses the BatchNorm and ReLU kernels, so the last
+    bits differ and the steps carry the difference on). Dropout 0, because compiled
+    code draws its masks differently, and a gentle constant lr, so that the
+    difference is not amplified."""
+    p = dataclasses.replace(params, epochs=3, dropout=0.0, lr=0.01, schedule="step", gamma=1.0)
+    train = cuda_data(tiny_split(96, 0))
+    eager = new_state(dataclasses.replace(p, compile="off"), CUDA, 96)
+    compiled = new_state(dataclasses.replace(p, compile="auto"), CUDA, 96)
+    assert not is_compiled(eager.net) and is_compiled(compiled.net)
+    for _ in range(3):  # three steps an epoch
+        a, b = train_epoch(eager, train, p), train_epoch(compiled, train, p)
+        assert a[0] == pytest.approx(b[0], rel=1e-3) and a[1] == pytest.approx(b[1], abs=1.1)
+    assert is_compiled(compiled.net)  # it did not fall back to eager
+    torch.testing.assert_close(compiled.model.state_dict(), eager.model.state_dict(),
+                               rtol=1e-3, atol=1e-4)
+    test = cuda_data(tiny_split(64, 1))
+    assert score(eager.net, test)[0] == pytest.approx(score(compiled.net, test)[0], rel=1e-3)
+
+
+def test_resume_on_cuda_gives_the_uninterrupted_weights_exactly(params, tmp_path, monkeypatch):
+    """Train 3 epochs; or train 1, save the state, restore it in a new state and train
+    on: the weights and every logged number are bit for bit the same. Exact, not close:
+    compile is off and cuDNN may use only deterministic algorithms, chosen without
+    benchmarking, so one GPU repeats itself. Dropout stays on, so the CUDA generator's
+    state must be saved and restored too."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    p = dataclasses.replace(params, epochs=3, compile="off", resume=True)
+    assert p.dropout > 0
+    train, test = cuda_data(tiny_split(192, 0)), cuda_data(tiny_split(64, 1))
+    whole = new_state(p, CUDA, 192)
+    fit(whole, train, test, p)
+
+    key = fingerprint(p, CUDA, 192, 64, MEAN, STD)
+    first = new_state(p, CUDA, 192)
+    fit(first, train, test, dataclasses.replace(p, epochs=1))
+    save_torch(tmp_path / "state.pt", first.state_dict(key))
+    resumed = restore(p, CUDA, 192, tmp_path / "state.pt", key)
+    assert resumed.epoch == 1
+    fit(resumed, train, test, p)
+
+    assert resumed.history == whole.history
+    weights = resumed.model.state_dict()
+    for name, tensor in whole.model.state_dict().items():
+        assert tensor.is_cuda and torch.equal(weights[name], tensor), name
+
+
+def test_evaluate_on_cuda_matches_the_cpu(params, monkeypatch):
+    """The evaluate stage's function on CUDA gives the CPU's predictions and loss (within
+    1e-4), with the predictions back on the CPU. TF32 off: with it, cuDNN rounds the
+    convolutions' inputs to 10 bits of mantissa, and this would compare TF32 with fp32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    ckpt = checkpoint(trained(params), {"dropout": params.dropout})
+    split = tiny_split(64, 1)
+
+    def on(device: torch.device):
+        return evaluate(from_checkpoint(ckpt, "test"), split["images"], split["labels"],
+                        MEAN, STD, device, batch_size=25)
+
+    (cpu, cpu_pred), (gpu, gpu_pred) = on(CPU), on(CUDA)
+    assert gpu_pred.device == CPU and torch.equal(gpu_pred, cpu_pred)
+    assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-4)
+    assert {k: gpu[k] for k in ("accuracy", "errors", "params", "per_class")} == \
+        {k: cpu[k] for k in ("accuracy", "errors", "params", "per_class")}
+
+
+def test_predict_copies_each_batch_out_of_the_cuda_graph_buffers(params, fresh_compiler):
+    """A CUDA-graphed model writes every batch's output into the same buffer; predict()
+    copies each one out, so its predictions over several batches (a last, partial
+    batch included) are eager's, batch by batch."""
+    model = trained(params)
+    x = cuda_data(tiny_split(300, 2)).x
+    eager = predict(model, x, batch_size=64)
+    net = compile_model(model, CUDA)
+    compiled = predict(net, x, batch_size=64)
+    assert is_compiled(net)
+    for i, (a, b) in enumerate(zip(compiled.split(64), eager.split(64))):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3, msg=f"batch {i}")
+    # the batches' outputs differ far more than the tolerance, so a batch that showed
+    # another batch's output would fail above
+    assert (eager[:64] - eager[64:128]).abs().max() > 0.1
+
+
+def test_cuda_graphs_overwrite_outputs_that_are_not_copied(params, fresh_compiler):
+    """Why predict() copies: with compile on, CUDA graphs replay into their output
+    buffers, so an output kept past the next batch is lost (torch refuses to read it)
+    or shows a later batch. This also shows that the graphs are really in use."""
+    model = trained(params).eval()
+    net = compile_model(model, CUDA)
+    batches = cuda_data(tiny_split(256, 3)).x.split(64)
+    intact = []
+    with torch.inference_mode():  # as in predict()
+        kept = []
+        for xb in batches:
+            mark_step(net)
+            kept.append(net(xb))  # not copied
+        assert is_compiled(net)
+        for out, xb in zip(kept, batches):
+            try:
+                intact.append(bool(torch.allclose(out, model(xb), rtol=1e-3, atol=1e-3)))
+            except RuntimeError:  # "accessing tensor output of CUDAGraphs that has been
+                intact.append(False)  # overwritten by a subsequent run"
+    assert not all(intact)
