@@ -10,6 +10,7 @@ Params: none.
 from __future__ import annotations
 
 import argparse
+import math
 import struct
 from pathlib import Path
 
@@ -71,11 +72,18 @@ def read_split(raw_dir: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalisation_stats(images: torch.Tensor) -> dict[str, float]:
-    """Mean and std of uint8 images on the [0, 1] scale, in float64."""
+    """Mean and std of uint8 images on the [0, 1] scale.
+
+    Computed from exact integer sums, so the result does not depend on the order of a
+    floating-point reduction, which changes with the thread count and the CPU.
+    """
     if images.numel() == 0:
         raise StageError("the training set is empty; cannot compute normalisation statistics")
-    x = images.to(torch.float64) / 255.0
-    return {"mean": x.mean().item(), "std": x.std(unbiased=False).item()}
+    n = images.numel()
+    pixels = images.to(torch.int64)
+    total, squares = int(pixels.sum()), int(pixels.square().sum())
+    # n² var = n Σx² − (Σx)², exact in Python's integers; then scale by 255
+    return {"mean": total / (n * 255), "std": math.sqrt(n * squares - total**2) / (n * 255)}
 
 
 def preprocess(raw_dir: str | Path, out_dir: str | Path) -> dict[str, float]:

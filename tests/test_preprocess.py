@@ -138,3 +138,22 @@ def test_stats_by_hand():
 def test_stats_of_no_images_is_an_error():
     with pytest.raises(StageError, match="empty"):
         preprocess.normalisation_stats(torch.empty(0, 28, 28, dtype=torch.uint8))
+
+
+def test_stats_are_exact_whatever_the_thread_count():
+    """Integer sums: the same bits with 1 or 2 threads, and the textbook value."""
+    images = torch.from_numpy(random_images(3000, seed=5))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = preprocess.normalisation_stats(images)
+        torch.set_num_threads(2)
+        two = preprocess.normalisation_stats(images)
+    finally:
+        torch.set_num_threads(before)
+    assert one == two
+    x = images.numpy().astype("float64") / 255
+    assert one["mean"] == pytest.approx(x.mean(), rel=1e-12)
+    assert one["std"] == pytest.approx(x.std(), rel=1e-12)
+    assert preprocess.normalisation_stats(torch.tensor([[0, 255]], dtype=torch.uint8)) == {
+        "mean": 0.5, "std": 0.5}
