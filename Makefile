@@ -9,8 +9,17 @@ PYTHON ?= python3
 # The install stamp is keyed on requirements.txt's content, not its timestamp.
 STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-16)
 JOBS ?= 1
+SEEDS ?= 1-5
+# The default DVC remote of a clone that has none: a folder that every clone on this
+# machine shares (docs/sharing.md). Point a clone elsewhere with
+# `dvc remote add --local -d -f shared URL`; setup then leaves it alone.
+DVC_REMOTE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mnist-cnn-dvc/remote
+# `dvc plots show` and `dvc plots diff` offline: a page template with Vega inline
+# (docs/use.md). Setup writes it and points this clone's DVC at it, unless the clone
+# already names a template of its own.
+PLOTS_TEMPLATE := .dvc/plots_offline.html
 
-.PHONY: setup repro test steps bench
+.PHONY: setup repro test steps seeds docs push pull bench gpu-check
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +28,14 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-setup: $(STAMP)
+$(PLOTS_TEMPLATE): $(STAMP) tools/plots_template.py
+	python -m tools.plots_template $@
+
+setup: $(STAMP) $(PLOTS_TEMPLATE)
+	@mkdir -p "$(DVC_REMOTE)"
+	@dvc remote default >/dev/null 2>&1 || dvc remote add --local -d -f shared "$(DVC_REMOTE)"
+	@dvc config --local plots.html_template >/dev/null 2>&1 || \
+		dvc config --local plots.html_template $(notdir $(PLOTS_TEMPLATE))
 
 repro: setup
 	dvc repro
@@ -28,7 +44,25 @@ test: setup
 	python -m pytest -q
 
 steps: setup
-	python -m experiments.steps run --jobs $(JOBS)
+	python -m experiments.steps commit --jobs $(JOBS)
+
+seeds: setup
+	python -m experiments.seeds run --seeds $(SEEDS) --jobs $(JOBS)
+
+docs: setup
+	python -m tools.docs
+
+push: setup
+	python -m tools.share push
+
+pull: setup
+	python -m tools.share pull
 
 bench: setup
 	python -m benchmarks.train_speed
+
+# The GPU check (docs/gpu.md). No setup: a lent GPU machine has torch but no network
+# for requirements.txt, so this runs the first python3 on PATH (the venv's, if any).
+GPU_JSON ?= benchmarks/results-gpu.json
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_JSON)

@@ -2,7 +2,7 @@
 
 Run from the repository root after `dvc repro preprocess`:
 
-    python -m benchmarks.train_speed [--batches N] [--json]
+    python -m benchmarks.train_speed [--batches N] [--json] [--out results.json]
 
 In one process it measures training images per second for
   (a) project:  stages.train's loop: device-resident data, seeded randperm batches,
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from stages.common import StageError, run_cli
+from stages.common import StageError, run_cli, write_json
 from stages.data import load_split, load_stats, to_device
 from stages.device import resolve_device
 from stages.params import load_params
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds of the three measurements; the fastest of each counts")
     parser.add_argument("--json", action="store_true", help="end with one line of JSON")
+    parser.add_argument("--out", type=Path, help="also write that JSON to this file")
     args = parser.parse_args()
 
     if args.batches < 0 or args.repeat < 1 or args.workers < 0:
@@ -167,13 +168,17 @@ def main() -> None:
               for other in ("baseline", "ceiling")}
     print(f"median over rounds of (a)'s speed against: (b) {paired['baseline']:.2f}x, "
           f"(c) {paired['ceiling']:.2f}x")
+    results = {"project_img_s": round(rate["project"], 1),
+               "baseline_img_s": round(rate["baseline"], 1),
+               "ceiling_img_s": round(rate["ceiling"], 1),
+               "paired_vs_baseline": round(paired["baseline"], 3),
+               "paired_vs_ceiling": round(paired["ceiling"], 3),
+               "device": name, "torch": torch.__version__,
+               "train_images": n_train, "rounds": args.repeat}
     if args.json:
-        print(json.dumps({"project_img_s": round(rate["project"], 1),
-                          "baseline_img_s": round(rate["baseline"], 1),
-                          "ceiling_img_s": round(rate["ceiling"], 1),
-                          "paired_vs_baseline": round(paired["baseline"], 3),
-                          "paired_vs_ceiling": round(paired["ceiling"], 3),
-                          "device": name, "torch": torch.__version__}))
+        print(json.dumps(results))
+    if args.out:
+        write_json(args.out, results)  # atomic; tools.docs makes docs' table from it
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Small scripts that check the trained model from the outside."""

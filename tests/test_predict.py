@@ -1,0 +1,236 @@
+"""Predict: image files of any format, size and mode become MNIST-style digits.
+
+The model is the real Net, trained here for a few seconds on digits rendered from
+Pillow's own font (rotated, resized and shifted), 28×28 white on black like MNIST's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from helpers import run_stage
+from stages.common import StageError, run_cli, save_torch
+from stages.data import to_device
+from stages.model import Net, checkpoint
+from stages.predict import (Failure, Prediction, classify, grey_levels, load_model, main,
+                            predict_files, read_digit, to_mnist)
+
+font = functools.cache(ImageFont.load_default)
+
+
+def font_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """N uint8 digits (N, 28, 28), white on black, in Pillow's font at random sizes,
+    angles (±15°) and shifts (±1 pixel), and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = np.zeros((n, 28, 28), np.uint8)
+    for i, label in enumerate(labels):
+        image = Image.new("L", (28, 28))
+        size = int(rng.integers(20, 29))
+        centre = (14 + int(rng.integers(-1, 2)), 14 + int(rng.integers(-1, 2)))
+        ImageDraw.Draw(image).text(centre, str(label), fill=255, font=font(size), anchor="mm",
+                                   stroke_width=int(rng.integers(0, 2)), stroke_fill=255)
+        images[i] = np.asarray(image.rotate(rng.uniform(-15, 15), Image.Resampling.BILINEAR))
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def on_paper(digit: np.ndarray, size: tuple[int, int] = (300, 260), offset=(37, 11)) -> Image.Image:
+    """DIGIT (28×28, white on black) upscaled 8 times (bicubic) and inverted to dark ink,
+    pasted at OFFSET on white paper of SIZE."""
+    ink = ImageOps.invert(Image.fromarray(digit).resize((224, 224), Image.Resampling.BICUBIC))
+    paper = Image.new("L", size, 255)
+    paper.paste(ink, offset)
+    return paper
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """A checkpoint of Net trained for one pass over 4,000 font digits (about 3 s)."""
+    images, labels = font_digits(4000, seed=0)
+    mean, std = images.float().div(255).mean().item(), images.float().div(255).std().item()
+    data = to_device(images, labels, mean, std, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = Net(dropout=0.0)
+    batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0)).split(64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.02, total_steps=len(batches))
+    for batch in batches:
+        loss = F.nll_loss(model(data.x[batch]), data.y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_torch(path, checkpoint(model, {"dropout": 0.0},
+                                normalisation={"mean": mean, "std": std}))
+    return path
+
+
+def test_large_png_and_jpeg_files_agree_with_the_28x28_digits(model_path, tmp_path):
+    images, labels = font_digits(200, seed=1)
+    model, mean, std = load_model(model_path)
+    original = classify(model, images, mean, std).argmax(dim=1)
+    # a model that learnt nothing would agree with itself trivially
+    assert (original == labels).float().mean() >= 0.97
+    for i, digit in enumerate(images.numpy()):
+        paper = on_paper(digit)
+        if i % 2:
+            paper.save(tmp_path / f"{i:03d}.png")
+        else:
+            paper.convert("RGB").save(tmp_path / f"{i:03d}.jpg", quality=85)
+    results = predict_files([tmp_path], model_path)
+    assert [r.path for r in results] == sorted(str(p) for p in tmp_path.iterdir())
+    assert all(isinstance(r, Prediction) for r in results)
+    from_files = torch.tensor([r.digit for r in results])
+    agreement = (from_files == original).float().mean().item()
+    assert agreement >= 0.98, f"agreement {agreement:.1%}"
+    for r in results:
+        assert 1 >= r.probability >= r.runner_up_probability >= 0 and r.digit != r.runner_up
+
+
+def test_digit_is_framed_as_mnist():
+    """Longer side 20 pixels, centre of mass at (14, 14), whatever the ink colour."""
+    digit = font_digits(1, seed=2)[0][0].numpy()
+    dark_on_light = to_mnist(grey_levels(on_paper(digit, size=(400, 250), offset=(150, 20))))
+    light_on_dark = to_mnist(grey_levels(ImageOps.invert(on_paper(digit))))
+    rows, cols = np.nonzero(dark_on_light)
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 == 20
+    mass = dark_on_light[rows, cols].astype(float)
+    assert abs((rows * mass).sum() / mass.sum() - 14) <= 0.5
+    assert abs((cols * mass).sum() / mass.sum() - 14) <= 0.5
+    assert np.abs(dark_on_light.astype(int) - light_on_dark).max() <= 2
+    # and close to the 28×28 digit it was made from
+    assert np.abs(dark_on_light.astype(int) - to_mnist(digit.astype(float))).mean() < 8
+
+
+@pytest.mark.parametrize("name, convert", [
+    ("rgb.jpg", lambda im: im.convert("RGB")),
+    ("cmyk.jpg", lambda im: im.convert("CMYK")),
+    ("palette.gif", lambda im: im.convert("P")),
+    ("bitonal.bmp", lambda im: im.point(lambda v: 255 if v > 128 else 0).convert("1")),
+    ("grey16.png", lambda im: im.convert("I").point(lambda v: v * 257).convert("I;16")),
+    ("float.tiff", lambda im: im.convert("F").point(lambda v: v / 255)),
+    ("lossless.webp", lambda im: im.convert("RGB")),
+    # black ink on a transparent background: transparency is laid over white
+    ("transparent.png", lambda im: Image.merge("LA", (Image.new("L", im.size, 0),
+                                                      ImageOps.invert(im)))),
+])
+def test_formats_and_modes_give_the_same_digit(tmp_path, name, convert):
+    digit = font_digits(1, seed=3)[0][0].numpy()
+    paper = on_paper(digit)
+    reference = to_mnist(grey_levels(paper))
+    path = tmp_path / name
+    convert(paper).save(path, **({"lossless": True} if name.endswith(".webp") else {}))
+    tolerance = 40 if name.startswith("bitonal") else 3  # the threshold moves the edges
+    assert np.abs(read_digit(path).astype(int) - reference).mean() < tolerance
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"),
+    (b"seven, in words\n", "not an image"),
+])
+def test_unreadable_files_say_why(tmp_path, content, reason):
+    path = tmp_path / "digit.png"
+    path.write_bytes(content)
+    with pytest.raises(StageError, match=reason):
+        read_digit(path)
+
+
+@pytest.mark.parametrize("paper", [Image.new("L", (50, 40), 255),
+                                   Image.new("RGB", (30, 30), "black"),
+                                   Image.new("L", (50, 40), 200)])
+def test_blank_images_have_no_ink(tmp_path, paper):
+    path = tmp_path / "blank.jpg"
+    paper.save(path)
+    with pytest.raises(StageError, match="no ink"):
+        read_digit(path)
+
+
+def mixed_folder(tmp_path):
+    """Three good digits and three bad files; returns (folder, good paths, bad paths)."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = []
+    for i, digit in enumerate(font_digits(3, seed=4)[0].numpy()):
+        good.append(folder / f"good{i}.png")
+        on_paper(digit).save(good[-1])
+    bad = [folder / "notes.png", folder / "empty.jpg", folder / "white.png"]
+    bad[0].write_text("not a picture\n")
+    bad[1].write_bytes(b"")
+    Image.new("L", (120, 90), 255).save(bad[2])
+    (folder / "README.txt").write_text("ignored: not an image file name\n")
+    return folder, good, bad
+
+
+@pytest.mark.slow
+def test_mixed_folder_predicts_the_good_and_names_each_bad_file(model_path, tmp_path):
+    folder, good, bad = mixed_folder(tmp_path)
+    missing, no_images = tmp_path / "missing.png", tmp_path / "no_images"
+    no_images.mkdir()
+    proc = run_stage("stages.predict", str(folder), str(missing), str(no_images),
+                     "--model", str(model_path), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = proc.stderr.splitlines()
+    expected = sorted(bad) + [missing, no_images]
+    assert [line.split(": ")[1] for line in errors] == [str(p) for p in expected], proc.stderr
+    assert all(line.startswith("error: ") for line in errors)
+    lines = proc.stdout.splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(p) for p in good]
+
+
+def run_main(argv: list[str], monkeypatch) -> int:
+    """Run predict's command line in this process; its exit status."""
+    monkeypatch.setattr(sys, "argv", ["predict", *argv])
+    try:
+        run_cli(main)
+    except SystemExit as exit:
+        return exit.code
+    return 0
+
+
+def test_json_has_one_object_per_file(model_path, tmp_path, monkeypatch, capsys):
+    folder, good, bad = mixed_folder(tmp_path)
+    assert run_main(["--json", str(folder), "--model", str(model_path)], monkeypatch) == 1
+    out, err = capsys.readouterr()
+    assert err == ""
+    records = {r["path"]: r for r in map(json.loads, out.splitlines())}
+    assert set(records) == {str(p) for p in good + bad}
+    for path in good:
+        r = records[str(path)]
+        assert r["digit"] in range(10) and r["runner_up"] in range(10)
+        assert 0 <= r["runner_up_probability"] <= r["probability"] <= 1
+    assert "not an image" in records[str(bad[0])]["error"]
+    assert records[str(bad[1])]["error"] == "empty file"
+    assert "no ink" in records[str(bad[2])]["error"]
+
+
+def test_all_good_exits_zero(model_path, tmp_path, monkeypatch, capsys):
+    folder, good, _ = mixed_folder(tmp_path)
+    assert run_main([*map(str, good), "--model", str(model_path)], monkeypatch) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == len(good) and err == ""
+
+
+def test_results_keep_the_order_of_the_arguments(model_path, tmp_path):
+    folder, good, bad = mixed_folder(tmp_path)
+    results = predict_files([good[2], tmp_path / "gone", bad[1], good[0]], model_path)
+    assert [type(r) for r in results] == [Prediction, Failure, Failure, Prediction]
+    assert [r.path for r in results] == [str(good[2]), str(tmp_path / "gone"), str(bad[1]),
+                                         str(good[0])]
+
+
+def test_missing_model_is_one_line_error(tmp_path, monkeypatch, capsys):
+    Image.new("L", (30, 30), 255).save(tmp_path / "digit.png")
+    model = tmp_path / "nowhere.pt"
+    assert run_main([str(tmp_path / "digit.png"), "--model", str(model)], monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {model}: checkpoint not found") and err.count("\n") == 1
