@@ -68,7 +68,7 @@ def experiment_rev(name: str) -> str:
     refs = output("git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps")
     for line in refs.splitlines():
         ref, rev = line.split()
-        if ref.endswith(f"/{head}/{name}"):
+        if ref.endswith(f"/{head[:2]}/{head[2:]}/{name}"):  # DVC's refs/exps/ab/cdef…/NAME
             return rev
     raise StageError(f"no experiment named {name} on top of HEAD ({head[:7]}); "
                      "did it run? see `dvc exp show`")
