@@ -22,7 +22,7 @@ import copy
 import subprocess
 from pathlib import Path
 
-from experiments.queue import output, run_queued, sh
+from experiments.queue import experiment_rev, output, run_queued, sh
 from stages.common import StageError, run_cli
 from stages.params import parse_params, read_yaml
 
@@ -31,7 +31,8 @@ PARAMS_FILE = Path("params.yaml")
 FIELDS = {"title", "params", "target", "notebook", "analysis", "results"}
 REQUIRED = FIELDS - {"results"}
 # what a step commit holds: the params and everything the run wrote that git tracks
-COMMITTED = ["params.yaml", "dvc.lock", "metrics", "plots", "models/summary.txt"]
+COMMITTED = ["params.yaml", "dvc.lock", "metrics", "plots", "models/summary.txt",
+             "models/.gitignore"]
 
 
 def load_steps(path: Path = STEPS_FILE, params_path: Path = PARAMS_FILE) -> dict:
@@ -83,10 +84,11 @@ def commit_steps(steps: dict, jobs: int) -> None:
     require_clean_tree()
     if jobs > 1:
         run_queued({name: overrides(step) for name, step in steps.items()}, jobs)
+        # by commit, found while HEAD is still their baseline: each step commit moves HEAD
+        revs = {name: experiment_rev(name) for name in steps}
         for name, step in steps.items():
-            sh("dvc", "exp", "apply", name)
+            sh("dvc", "exp", "apply", revs[name])
             commit_step(name, step)
-        sh("dvc", "exp", "remove", *steps)
         return
     from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` uses
 
