@@ -9,7 +9,8 @@ step's params into params.yaml, runs `dvc repro` and commits params.yaml, dvc.lo
 metrics/ and plots/ as `step-N: <title>`; after the last step params.yaml is the
 recommended recipe. With --jobs above 1 the runs go to DVC's queue first, N at a time
 (the bytes are the same: each stage pins its thread count), and each step's commit is
-then made from its experiment with `dvc exp apply`.
+then made from its experiment with `dvc exp apply`, which overwrites tracked files
+edited meanwhile: leave the tree alone while it runs.
 
 Git names these commits by message, so `dvc metrics diff ':/^step-1:' ':/^step-5:'`
 compares two steps in any clone, without training.
