@@ -196,6 +196,17 @@ def test_step_notes_hold_target_results_and_analysis(step_repo):
     assert "Sets `train.lr=0.01`, `train.dropout=0.1`." in text
 
 
+def test_the_last_step_carries_the_seed_summary_of_params_yaml(step_repo):
+    summary = "Over 2 seeds (`metrics/seeds.json`), the final test accuracy was 99.40 %"
+    assert summary not in docs.step_notes_block(step_repo)
+    write_seeds(step_repo, lr=yaml.safe_load((REPO / "params.yaml").read_text())["train"]["lr"])
+    first, last = docs.step_notes_block(step_repo).split("### step-2")
+    assert summary + " at least, median 99.46 %, mean 99.46 %. A note on the run." in last
+    assert "seeds" not in first
+    write_seeds(step_repo, lr=0.123)  # seeds of another recipe say nothing of this one
+    assert summary not in docs.step_notes_block(step_repo)
+
+
 def test_a_step_without_a_commit_is_one_clear_error(step_repo):
     steps = yaml.safe_load((step_repo / "experiments/steps.yaml").read_text())
     steps["step-3"] = {**steps["step-2"], "title": "Third"}

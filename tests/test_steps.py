@@ -15,12 +15,12 @@ PARAMS = REPO / "params.yaml"
 
 def test_the_steps_load_and_the_last_is_params_yaml():
     steps = load_steps(STEPS_FILE, PARAMS)
-    assert list(steps) == [f"step-{n}" for n in range(1, 5)]
+    assert list(steps) == [f"step-{n}" for n in range(1, 6)]
     base = yaml.safe_load(PARAMS.read_text())
-    for key, value in steps["step-4"]["params"].items():
+    for key, value in steps["step-5"]["params"].items():
         section, leaf = key.split(".")
         assert base[section][leaf] == value, key
-    for name in ("step-2", "step-3"):  # earlier steps differ from the recipe
+    for name in ("step-1", "step-2", "step-3", "step-4"):  # earlier steps differ from it
         assert any(steps[name]["params"][key] != base["train"][key.split(".")[1]]
                    for key in steps[name]["params"])
     assert overrides(steps["step-2"])[:4] == ["-S", "train.schedule=step", "-S", "train.lr=0.01"]

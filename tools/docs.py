@@ -177,9 +177,18 @@ def steps_markdown(steps: dict, runs: dict[str, StepRun]) -> str:
     return "\n".join(rows)
 
 
-def step_notes_markdown(steps: dict, runs: dict[str, StepRun]) -> str:
-    """Per step: a heading, its params, and its Target, Results and Analysis."""
+def seeds_sentence(doc: dict) -> str:
+    f = doc["final"]
+    return (f"Over {f['n']} seeds (`metrics/seeds.json`), the final test accuracy was "
+            f"{f['min']:.2f} % at least, median {f['median']:.2f} %, mean {f['mean']:.2f} %.")
+
+
+def step_notes_markdown(steps: dict, runs: dict[str, StepRun], seeds: dict | None = None) -> str:
+    """Per step: a heading, its params, and its Target, Results and Analysis. SEEDS, the
+    seed summary of params.yaml's recipe, goes into the last step's Results: the last
+    step is that recipe."""
     parts = []
+    last = list(steps)[-1]
     for name, step in steps.items():
         run = runs[name]
         best = run.training["best"]
@@ -191,6 +200,8 @@ def step_notes_markdown(steps: dict, runs: dict[str, StepRun]) -> str:
         if nb:
             results += (f" The notebook: best train {nb['best_train']:.2f} %, best test "
                         f"{nb['best_test']:.2f} % (epoch {nb['best_test_epoch']}).")
+        if name == last and seeds is not None:
+            results += f" {seeds_sentence(seeds)}"
         if step.get("results"):
             results += f" {step['results'].strip()}"
         sets = ", ".join(f"`{key}={_value(value)}`" for key, value in step["params"].items())
@@ -215,7 +226,7 @@ def steps_block(root: Path) -> str:
 
 def step_notes_block(root: Path) -> str:
     steps = _steps(root)
-    return step_notes_markdown(steps, step_runs(steps, root))
+    return step_notes_markdown(steps, step_runs(steps, root), recipe_seeds(root))
 
 
 # --- seeds, speed and the GPU: files that their commands wrote -------------------
@@ -239,6 +250,15 @@ def seeds_markdown(doc: dict, params: dict) -> str:
         text += ("\n\nThese seeds ran with params that params.yaml has since changed: "
                  + ", ".join(drift) + ". Rerun them with `make seeds`.")
     return text
+
+
+def recipe_seeds(root: Path) -> dict | None:
+    """metrics/seeds.json if its seeds ran params.yaml as it is now, else None."""
+    path = root / SEEDS_JSON
+    if not path.exists():
+        return None
+    doc = read_json(path, "seed results")
+    return None if params_drift(doc.get("params", {}), read_yaml(root / PARAMS_FILE)) else doc
 
 
 def seeds_block(root: Path) -> str:
