@@ -8,7 +8,8 @@ In one process it measures training images per second for
   (a) project:  stages.train's loop: device-resident data, seeded randperm batches,
                 batched rotation and shift on the device, then the per-epoch test pass;
   (b) baseline: torchvision's MNIST dataset with RandomAffine (the recipe's rotation
-                and shift), ToTensor and Normalize in a DataLoader, the same model and optimiser, then a test pass;
+                and shift), ToTensor and Normalize in a DataLoader, the same model and
+                optimiser, then a test pass;
   (c) ceiling:  the same training step on resident batches, no augmentation, no test pass.
 (a) and (b) count the test pass, as a real epoch does. All use params.yaml's train section.
 Each round measures the three back to back; the table shows the fastest of each over

@@ -252,21 +252,26 @@ def seeds_markdown(doc: dict, params: dict) -> str:
     return text
 
 
+def read_seeds(root: Path) -> dict | None:
+    """metrics/seeds.json, or None where no seeds have run."""
+    path = root / SEEDS_JSON
+    return read_json(path, "seed results") if path.exists() else None
+
+
 def recipe_seeds(root: Path) -> dict | None:
     """metrics/seeds.json if its seeds ran params.yaml as it is now, else None."""
-    path = root / SEEDS_JSON
-    if not path.exists():
+    doc = read_seeds(root)
+    if doc is None or params_drift(doc.get("params", {}), read_yaml(root / PARAMS_FILE)):
         return None
-    doc = read_json(path, "seed results")
-    return None if params_drift(doc.get("params", {}), read_yaml(root / PARAMS_FILE)) else doc
+    return doc
 
 
 def seeds_block(root: Path) -> str:
-    path = root / SEEDS_JSON
-    if not path.exists():
+    doc = read_seeds(root)
+    if doc is None:
         return ("No seed results yet: run `make seeds` (`python -m experiments.seeds run "
                 "--seeds 1-5 --jobs 2`), then `python -m tools.docs`.")
-    return seeds_markdown(read_json(path, "seed results"), read_yaml(root / PARAMS_FILE))
+    return seeds_markdown(doc, read_yaml(root / PARAMS_FILE))
 
 
 def benchmark_markdown(results: dict) -> str:
