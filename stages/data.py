@@ -42,21 +42,25 @@ def load_stats(path: str | Path) -> tuple[float, float]:
 
 @dataclass
 class DeviceData:
-    """Normalised images (N, 1, 28, 28) float32 and labels (N,) on one device."""
+    """Normalised images (N, 1, 28, 28) float32 and, where known, labels (N,) on one
+    device."""
 
     x: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor | None
     background: float  # the value a black pixel has after normalisation
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.x)
 
 
-def to_device(images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
+def to_device(images: torch.Tensor, labels: torch.Tensor | None, mean: float, std: float,
               device: torch.device) -> DeviceData:
+    """uint8 IMAGES (N, 28, 28), normalised with MEAN and STD, and LABELS (None for
+    images to predict) on DEVICE."""
     # one channel: the NCHW and channels_last layouts of X are the same
     x = images.to(device).unsqueeze(1).float().div_(255).sub_(mean).div_(std)
-    return DeviceData(x=x, y=labels.to(device), background=-mean / std)
+    y = labels.to(device) if labels is not None else None
+    return DeviceData(x=x, y=y, background=-mean / std)
 
 
 def pixel_centres(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

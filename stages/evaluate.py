@@ -23,6 +23,7 @@ from stages.device import resolve_device
 from stages.figures import plt, save_png
 from stages.model import count_params, from_checkpoint, predict
 from stages.params import load_params
+from stages.runtime import apply as apply_runtime
 
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -55,7 +56,8 @@ def write_confusion(path: Path, labels: torch.Tensor, pred: torch.Tensor) -> Non
 def draw_errors(path: Path, images: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor,
                 max_errors: int) -> None:
     """A grid of up to MAX_ERRORS misclassified digits, each titled true→predicted."""
-    wrong = (pred != labels).nonzero().flatten()[:max_errors].tolist()
+    errors = (pred != labels).nonzero().flatten()
+    wrong = errors[:max_errors].tolist()
     cols = min(8, max(1, len(wrong)))
     rows = max(1, math.ceil(len(wrong) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3), squeeze=False)
@@ -65,8 +67,10 @@ def draw_errors(path: Path, images: torch.Tensor, labels: torch.Tensor, pred: to
         ax.imshow(images[i].numpy(), cmap="gray_r")
         ax.set_title(f"{int(labels[i])}→{int(pred[i])}", fontsize=9)
     if not wrong:
-        axes[0, 0].text(0.5, 0.5, "no errors", ha="center", va="center")
-    fig.suptitle(f"misclassified test digits (true→predicted), {len(wrong)} shown", fontsize=9)
+        note = "no errors" if not len(errors) else f"{len(errors)} errors, none drawn"
+        axes[0, 0].text(0.5, 0.5, note, ha="center", va="center")
+    fig.suptitle(f"misclassified test digits (true→predicted): {len(wrong)} of {len(errors)} "
+                 "shown", fontsize=9)
     fig.tight_layout()
     save_png(fig, path)
 
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--errors-png", type=Path, required=True)
     args = parser.parse_args()
     params = load_params()
+    apply_runtime(params.runtime)
     device = resolve_device(params.train.device)
     model = from_checkpoint(load_torch(args.model, "checkpoint"), str(args.model))
     images, labels = load_split(args.data / "test.pt")

@@ -3,9 +3,10 @@
 Reads:  MODEL (models/model.pt), DATA_DIR/test.pt and DATA_DIR/stats.json.
 Writes: ONNX (models/model.onnx): input `digits` (batch, 1, 28, 28) float32, normalised
         with the mean and std it stores in its metadata; output `log_probs` (batch, 10).
-        METRICS: the parity check on every test digit (arg-max mismatches, and the
-        largest |difference| in log-probabilities, rounded up to one digit).
-Params: runtime.* (applied before torch starts; see stages/runtime.py).
+        METRICS: the parity check on every test digit: the digits checked, the arg-max
+        mismatches, the tolerance and whether the largest |difference| in
+        log-probabilities is within it (the difference itself is printed).
+Params: runtime.* (applied first; see stages/runtime.py).
 
 The export is written only if onnxruntime's arg-max equals torch's on every test digit
 and no log-probability differs by more than TOLERANCE. Its bytes depend only on the
@@ -25,6 +26,8 @@ import torch
 from stages.common import StageError, load_torch, run_cli, write_bytes, write_json
 from stages.data import load_split, load_stats, to_device
 from stages.model import from_checkpoint, predict
+from stages.params import load_params
+from stages.runtime import apply as apply_runtime
 
 TOLERANCE = 1e-4  # largest |difference| in log-probabilities allowed
 BATCH_SIZE = 1000
@@ -77,8 +80,7 @@ def export(model: torch.nn.Module, images: torch.Tensor, mean: float, std: float
     normalised with MEAN and STD; return the parity figures, or raise StageError and
     leave no ONNX_PATH."""
     onnx_bytes = to_onnx(model, mean, std)
-    x = to_device(images, torch.zeros(len(images), dtype=torch.int64), mean, std,
-                  torch.device("cpu")).x
+    x = to_device(images, None, mean, std, torch.device("cpu")).x
     figures = parity(onnx_bytes, model, x)
     if figures["argmax_mismatches"] or not figures["max_abs_diff"] <= tolerance:
         Path(onnx_path).unlink(missing_ok=True)  # an older export would not match MODEL
@@ -106,6 +108,7 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
+    apply_runtime(load_params().runtime)
     model = from_checkpoint(load_torch(args.model, "checkpoint"), str(args.model))
     images, _ = load_split(args.data / "test.pt")
     mean, std = load_stats(args.data / "stats.json")

@@ -4,7 +4,8 @@ Reads:  RAW_DIR/{train,t10k}-{images-idx3,labels-idx1}-ubyte (from download).
 Writes: OUT_DIR/train.pt and OUT_DIR/test.pt ({"images": uint8 (N, 28, 28),
         "labels": int64 (N,)}), and OUT_DIR/stats.json, the training images'
         mean and std on the [0, 1] scale, which train and evaluate normalise with.
-Params: none.
+Params: runtime.* (applied first; see stages/runtime.py). The statistics are exact
+integer sums, the same under any runtime.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from stages.common import StageError, atomic_dir, run_cli, write_json
+from stages.params import load_params
+from stages.runtime import apply as apply_runtime
 
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # IDX: unsigned byte data, 3 and 1 dimensions
 SIDE = 28
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("raw_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args()
+    apply_runtime(load_params().runtime)
     preprocess(args.raw_dir, args.out_dir)
 
 
