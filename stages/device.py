@@ -18,12 +18,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def switch(value: str, device: torch.device, auto_on: str = "cuda") -> bool:
-    """A speed option's on/off/auto; `auto` is on for the device type where it pays."""
+def switch(value: str, device: torch.device, auto_on: str | None = "cuda") -> bool:
+    """A speed option's on/off/auto; `auto` is on for the device type AUTO_ON, where it
+    was measured to pay (None: on no device)."""
     return device.type == auto_on if value == "auto" else value == "on"
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """The innermost cause's type and first line: torch wraps compiler errors twice."""
     while err.__cause__ is not None:
         err = err.__cause__
@@ -53,7 +54,7 @@ class CompiledModel:
         except Exception as err:  # noqa: BLE001 - torch raises many types; see the retry
             out = self.model(x)
             self.active = False
-            print(f"warning: torch.compile failed ({_first_line(err)}); continuing without "
+            print(f"warning: torch.compile failed ({first_line(err)}); continuing without "
                   "compiling. To skip compiling, set train.compile=off "
                   "(dvc exp run -S train.compile=off)", flush=True)
             return out

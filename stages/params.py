@@ -63,12 +63,30 @@ class TrainParams:
                              "lr/start_div/final_div)")
     step_size: int = _rule(_positive, "an integer >= 1 (step: epochs between lr drops)")
     gamma: float = _rule(lambda v: 0 < v <= 1, "a number in (0, 1] (step: lr factor at each drop)")
-    seed: int = _rule(lambda v: v >= 0, "an integer >= 0")
+    seed: int = _rule(lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")
     device: str = _rule(lambda v: v in DEVICES, " or ".join(DEVICES))
     resume: bool = _rule(None, "true or false")
     channels_last: str = _switch()
     compile: str = _switch()
     fast_dropout: str = _switch()
+    cuda_graph: str = _switch()
+
+    def check(self) -> None:
+        """The rules that tie several keys together; one line per broken rule."""
+        if self.nesterov and self.momentum == 0:
+            raise StageError("params.yaml: train.nesterov is true but train.momentum is 0; "
+                             "Nesterov momentum needs momentum > 0: set one of them")
+        if self.cuda_graph == "on" and self.compile == "on":
+            raise StageError("params.yaml: train.cuda_graph and train.compile are both on; "
+                             "torch.compile's CUDA graphs cannot run inside the training "
+                             "step's graph: set one of them to auto or off")
+        if self.cuda_graph == "on" and self.ema > 0:
+            raise StageError("params.yaml: train.cuda_graph is on but train.ema is "
+                             f"{self.ema:g}; the moving average runs only eagerly: set "
+                             "train.cuda_graph to auto or train.ema to 0")
+        if self.cuda_graph == "on" and self.device == "cpu":
+            raise StageError("params.yaml: train.cuda_graph is on but train.device is cpu; "
+                             "CUDA graphs need CUDA: set train.cuda_graph to auto or off")
 
     def fingerprint(self) -> str:
         """Hash of the params that shape the result; `resume` is not one of them."""
@@ -85,10 +103,11 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class RuntimeParams:
-    """Applied before torch starts, by stages.runtime; validated here like the rest."""
+    """Applied by stages.runtime.apply at the start of each stage; validated here."""
 
     cpu_isa: str = _rule(lambda v: v in CPU_ISAS, " or ".join(CPU_ISAS))
     threads: int = _rule(lambda v: v >= 1, "an integer >= 1")
+    deterministic: bool = _rule(None, "true or false")
 
 
 @dataclass(frozen=True)
@@ -156,8 +175,10 @@ def parse_params(raw) -> Params:
     for name in sections:
         if name not in raw:
             raise StageError(f"params.yaml: section {name} is missing; add it")
-    return Params(**{name: _section(globals()[f.type], name, raw[name])
-                     for name, f in sections.items()})
+    params = Params(**{name: _section(globals()[f.type], name, raw[name])
+                       for name, f in sections.items()})
+    params.train.check()
+    return params
 
 
 class _Loader(yaml.SafeLoader):
@@ -174,16 +195,22 @@ def read_yaml(path: str | Path):
     """A YAML file read with _Loader; any problem is one line naming the file."""
     path = Path(path)
     try:
-        with path.open() as f:
-            return yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        text = path.read_text()
     except FileNotFoundError:
         raise StageError(f"{path}: not found; run from the repository root") from None
     except (OSError, UnicodeDecodeError) as err:
         raise StageError(f"{path}: cannot be read ({err}); fix or restore the file") from None
+    return read_yaml_text(text, str(path))
+
+
+def read_yaml_text(text: str, source: str):
+    """YAML TEXT read with _Loader, as every params file is; SOURCE names it in errors."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise StageError(f"{path}: not valid YAML{where}; fix the syntax") from None
+        raise StageError(f"{source}: not valid YAML{where}; fix the syntax") from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

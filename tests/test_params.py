@@ -8,8 +8,10 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import REPO, assert_one_line_error, run_stage
@@ -65,6 +67,9 @@ def test_float_params_given_as_integers_become_floats(raw):
     ("label_smoothing", 1.0, "is out of range; allowed: a number in [0, 1)"),
     ("ema", -0.5, "is out of range; allowed: a number in [0, 1)"),
     ("translate", 5, "is out of range; allowed: pixels in [0, 4]"),
+    ("cuda_graph", "yes", "is out of range; allowed: auto or on or off"),
+    ("seed", 2**64, "is out of range; allowed: an integer in [0, 2**64)"),
+    ("seed", -1, "is out of range; allowed: an integer in [0, 2**64)"),
 ])
 def test_bad_train_value(raw, key, value, problem):
     bad = copy.deepcopy(raw)
@@ -72,6 +77,45 @@ def test_bad_train_value(raw, key, value, problem):
     with pytest.raises(StageError) as err:
         parse_params(bad)
     assert str(err.value).startswith(f"params.yaml: train.{key} = {value!r} {problem}")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"nesterov": True, "momentum": 0.0},
+     "train.nesterov is true but train.momentum is 0; Nesterov momentum needs momentum > 0"),
+    ({"cuda_graph": "on", "compile": "on"}, "train.cuda_graph and train.compile are both on"),
+    ({"cuda_graph": "on", "ema": 0.99}, "train.cuda_graph is on but train.ema is 0.99"),
+    ({"cuda_graph": "on", "device": "cpu"}, "train.cuda_graph is on but train.device is cpu"),
+])
+def test_combinations_that_cannot_run_are_one_line_errors(raw, changes, message):
+    bad = copy.deepcopy(raw)
+    bad["train"].update(changes)
+    with pytest.raises(StageError, match=re.escape(f"params.yaml: {message}")):
+        parse_params(bad)
+
+
+@pytest.mark.parametrize("line, message", [
+    ("  momentum: 0", "error: params.yaml: train.nesterov is true but train.momentum is 0"),
+    ("  seed: 18446744073709551616",
+     "error: params.yaml: train.seed = 18446744073709551616 is out of range"),
+])
+def test_the_train_stage_refuses_them_before_any_work(tmp_path, line, message):
+    """What once ended in torch's ValueError or an overflow traceback."""
+    key = line.split(":")[0]
+    text, n = re.subn(rf"(?m)^{key}:.*$", line, PARAMS_YAML.read_text())
+    assert n == 1
+    (tmp_path / "params.yaml").write_text(text)
+    proc = run_stage("stages.train", "--data", "x", "--models", "y", "--live", "z", cwd=tmp_path)
+    assert assert_one_line_error(proc).startswith(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_the_largest_seed_is_accepted_by_torch(raw):
+    from stages.train import new_state
+
+    big = copy.deepcopy(raw)
+    big["train"]["seed"] = 2**64 - 1
+    p = parse_params(big).train
+    assert new_state(dataclasses.replace(p, epochs=1), torch.device("cpu"), 10).epoch == 0
 
 
 def test_dvc_yaml_makes_train_depend_on_every_train_param_and_no_evaluate_param():
@@ -189,7 +233,7 @@ def test_train_command_rejects_a_bad_lr(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
-# --- the runtime section, applied before torch starts -----------------------------
+# --- the runtime section, applied at the start of each stage -----------------------
 
 def test_runtime_env_pins_the_instruction_set_and_threads():
     from stages.runtime import pin
@@ -203,26 +247,63 @@ def test_runtime_env_pins_the_instruction_set_and_threads():
     assert environ == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": "/bin"}
 
 
-@pytest.mark.parametrize("cpu_isa, threads, capability", [("avx2", 1, "AVX2"),
-                                                          ("native", 1, None)])
-def test_a_stage_process_computes_with_the_pinned_runtime(tmp_path, cpu_isa, threads,
-                                                          capability):
-    """stages/__init__.py applies params.yaml's runtime before torch is imported."""
-    text = re.sub(r"(?m)^(  cpu_isa:).*$", rf"\1 {cpu_isa}", PARAMS_YAML.read_text())
-    text = re.sub(r"(?m)^(  threads:).*$", rf"\1 {threads}", text)
-    (tmp_path / "params.yaml").write_text(text)
-    code = ("import stages, torch; print(torch.backends.cpu.get_cpu_capability(), "
-            "torch.get_num_threads())")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO),
-                                          "ATEN_CPU_CAPABILITY": "default"}, timeout=120)
+def python_in(folder, code: str, **env) -> list[str]:
+    """CODE's printed words, run by a new Python in FOLDER with the repository importable."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO), **env},
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
-    found, n = proc.stdout.split()
-    assert int(n) == threads
-    if capability:
+    return proc.stdout.split()
+
+
+STAGES = ["stages." + path.stem for path in sorted((REPO / "stages").glob("*.py"))
+          if path.stem != "__init__"]
+
+
+def test_importing_any_stage_module_leaves_the_process_as_it_was(tmp_path):
+    """A server or notebook that imports stages.predict from another folder, beside a
+    params.yaml with other settings, keeps its own threads and kernels."""
+    text = re.sub(r"(?m)^(  threads:).*$", r"\1 2", PARAMS_YAML.read_text())
+    (tmp_path / "params.yaml").write_text(text)
+    code = (f"import os, torch\nbefore = dict(os.environ)\n"
+            f"for name in {STAGES!r}: __import__(name)\n"
+            "print(os.environ == before, torch.get_num_threads(), "
+            "torch.backends.cpu.get_cpu_capability())")
+    same, threads, capability = python_in(tmp_path, code, OMP_NUM_THREADS="1",
+                                          ATEN_CPU_CAPABILITY="default")
+    assert (same, threads, capability) == ("True", "1", "DEFAULT")
+
+
+@pytest.mark.parametrize("cpu_isa, threads, capability", [("avx2", 1, "AVX2"),
+                                                          ("native", 2, None)])
+def test_apply_pins_the_runtime_after_the_stage_modules_are_imported(tmp_path, cpu_isa,
+                                                                     threads, capability):
+    """Each stage applies the runtime first thing in main(), after its imports: torch
+    picks its kernels at its first computation, so that is early enough."""
+    code = ("import torch\n"
+            f"for name in {STAGES!r}: __import__(name)\n"
+            "from stages.params import RuntimeParams\nfrom stages.runtime import apply\n"
+            f"apply(RuntimeParams(cpu_isa={cpu_isa!r}, threads={threads}, deterministic=True))\n"
+            "torch.ones(8).sum()\n"
+            "print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), "
+            "torch.are_deterministic_algorithms_enabled())")
+    found, n, deterministic = python_in(tmp_path, code, ATEN_CPU_CAPABILITY="default")
+    assert int(n) == threads and deterministic == "True"
+    if capability and "avx2" in Path("/proc/cpuinfo").read_text():
         assert found == capability
-    else:  # native: the user's ATEN_CPU_CAPABILITY=default is not kept either
+    if capability is None:  # native: the user's ATEN_CPU_CAPABILITY=default is not kept
         assert found != "DEFAULT"
+
+
+@pytest.mark.skipif("avx512f" not in Path("/proc/cpuinfo").read_text(),
+                    reason="needs an AVX-512 CPU, where a late cap would show")
+def test_apply_refuses_a_cap_that_comes_after_torch_computed(tmp_path):
+    code = ("import torch\ntorch.ones(8).sum(); torch.backends.cpu.get_cpu_capability()\n"
+            "from stages.params import RuntimeParams\nfrom stages.runtime import apply\n"
+            "from stages.common import StageError\n"
+            "try:\n    apply(RuntimeParams('avx2', 1, True))\nexcept StageError as err:\n"
+            "    print('refused')")
+    assert python_in(tmp_path, code) == ["refused"]
 
 
 def test_bad_runtime_values_are_one_line_errors(raw):

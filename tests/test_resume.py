@@ -96,64 +96,137 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted,
     assert outputs(cwd) == uninterrupted  # the same bytes, checkpoints included
 
 
+# --- what a saved state must match --------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["runtime.threads", "runtime.cpu_isa", "data"])
+def test_a_state_from_another_runtime_or_other_data_is_not_resumed(tmp_path, change):
+    """The runtime section and the data's content change the bytes a run writes, so a
+    killed run's state saved under other ones starts the run over (the same sizes and
+    statistics are not enough: the images themselves count). Unchanged, the same state
+    is resumed (test_killed_run_resumes_to_the_uninterrupted_result)."""
+    cwd = make_workdir(tmp_path)
+    train_and_kill(cwd, after_epoch=1)
+    if change == "data":
+        split = torch.load(cwd / "data/prepared/train.pt")
+        split["images"] = split["images"].flip(0)  # the same images, in another order
+        torch.save(split, cwd / "data/prepared/train.pt")
+    else:
+        raw = yaml.safe_load((cwd / "params.yaml").read_text())
+        key = change.split(".")[1]
+        raw["runtime"][key] = {"threads": 2, "cpu_isa": "native"}[key]
+        (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = train(cwd)
+    assert "made with other params, code or data, ignored; starting from epoch 1" in proc.stdout
+    assert f"epoch  1/{EPOCHS}" in proc.stdout
+
+
 # --- restore() in-process: which saved states are used --------------------------
 
 @pytest.fixture
 def saved(tmp_path):
-    """A state saved after epoch 1 of 2, its params, key and data, as main() makes them."""
+    """A 2-epoch run's state saved after epoch 1, its params, key and data, as main()
+    makes them; and the uninterrupted run's history and weights."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["train"].update(epochs=2, batch_size=32, resume=True)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    p = load_params(tmp_path / "params.yaml").train
+    params = load_params(tmp_path / "params.yaml")
+    p = params.train
     split = tiny_split(64, 0)
     data = to_device(split["images"], split["labels"], 0.2, 0.35, CPU)
-    key = fingerprint(p, CPU, 64, 64, 0.2, 0.35)
-    state = new_state(dataclasses.replace(p, epochs=1), CPU, 64)
-    fit(state, data, data, dataclasses.replace(p, epochs=1))
+    key = fingerprint(p, params.runtime, CPU, "data", 0.2, 0.35)
     path = tmp_path / "state.pt"
-    save_torch(path, state.state_dict(key))
-    return p, key, path
+
+    class Stop(Exception):
+        pass
+
+    def save_and_stop(state):
+        save_torch(path, state.state_dict(key))
+        raise Stop
+
+    with pytest.raises(Stop):
+        fit(new_state(p, CPU, 64), data, data, p, save_and_stop)
+    whole = new_state(p, CPU, 64)
+    fit(whole, data, data, p)
+    return Saved(p, params.runtime, key, path, data, whole)
 
 
-def test_a_matching_state_is_resumed(saved, capsys):
-    p, key, path = saved
-    assert restore(p, CPU, 64, path, key).epoch == 1
+@dataclasses.dataclass
+class Saved:
+    p: object
+    runtime: object
+    key: str
+    path: object
+    data: object
+    whole: object  # the uninterrupted run's final state
+
+    def train_on(self, state):
+        """Train STATE to the end; it must end exactly as the uninterrupted run."""
+        fit(state, self.data, self.data, self.p)
+        assert state.history == self.whole.history
+        for name, tensor in self.whole.model.state_dict().items():
+            assert torch.equal(state.model.state_dict()[name], tensor), name
+
+
+def test_a_matching_state_is_resumed_and_trains_on_to_the_uninterrupted_result(saved, capsys):
+    state = restore(saved.p, CPU, 64, saved.path, saved.key)
+    assert state.epoch == 1 and state.step == 2
     assert "resuming after epoch 1 of 2" in capsys.readouterr().out
+    saved.train_on(state)
 
 
 def test_without_resume_a_state_is_not_used(saved, capsys):
-    p, key, path = saved
-    assert restore(dataclasses.replace(p, resume=False), CPU, 64, path, key).epoch == 0
+    state = restore(dataclasses.replace(saved.p, resume=False), CPU, 64, saved.path, saved.key)
+    assert state.epoch == 0
     assert "resuming" not in capsys.readouterr().out
+    saved.train_on(state)
 
 
-@pytest.mark.parametrize("change", ["params", "code"])
-def test_a_state_from_other_params_or_code_is_ignored(saved, capsys, monkeypatch, tmp_path, change):
-    p, key, path = saved
+@pytest.mark.parametrize("change", ["params", "code", "runtime", "data"])
+def test_a_state_from_other_params_code_runtime_or_data_is_ignored(saved, capsys, monkeypatch,
+                                                                    tmp_path, change):
+    p, runtime, digest = saved.p, saved.runtime, "data"
     if change == "params":
         p = dataclasses.replace(p, lr=p.lr * 2)
-    else:  # the same params, but the training code has changed since the state was saved
+    elif change == "code":  # the same params, but the training code has changed since
         edited = tmp_path / "train.py"
         edited.write_text(stages.train.CODE[0].read_text() + "\n# a change\n")
         monkeypatch.setattr(stages.train, "CODE", [edited, *stages.train.CODE[1:]])
-    new_key = fingerprint(p, CPU, 64, 64, 0.2, 0.35)
-    assert new_key != key
-    assert restore(p, CPU, 64, path, new_key).epoch == 0
+    elif change == "runtime":
+        runtime = dataclasses.replace(runtime, threads=runtime.threads + 1)
+    else:
+        digest = "other data"
+    new_key = fingerprint(p, runtime, CPU, digest, 0.2, 0.35)
+    assert new_key != saved.key
+    state = restore(p, CPU, 64, saved.path, new_key)
+    assert state.epoch == 0
     assert "made with other params, code or data, ignored" in capsys.readouterr().out
+    if change in ("code", "data"):  # the same params: trained from scratch, the same result
+        saved.train_on(state)
 
 
 def test_an_unreadable_state_is_ignored(saved, capsys):
-    p, key, path = saved
-    path.write_bytes(b"\x00garbage")
-    assert restore(p, CPU, 64, path, key).epoch == 0
+    saved.path.write_bytes(b"\x00garbage")
+    state = restore(saved.p, CPU, 64, saved.path, saved.key)
+    assert state.epoch == 0
     assert "unreadable resumable state, ignored; starting from epoch 1" in capsys.readouterr().out
+    saved.train_on(state)
 
 
 def test_a_state_that_does_not_fit_is_ignored(saved, capsys):
-    p, key, path = saved
-    state = load_torch(path, "state")
+    state = load_torch(saved.path, "state")
     state["model"]["features.0.0.weight"] = torch.zeros(3, 1, 3, 3)  # a wrong shape
-    save_torch(path, state)
-    restored = restore(p, CPU, 64, path, key)
+    save_torch(saved.path, state)
+    restored = restore(saved.p, CPU, 64, saved.path, saved.key)
     assert restored.epoch == 0 and restored.history == []
     assert "resumable state does not fit this run, ignored" in capsys.readouterr().out
+    saved.train_on(restored)
+
+
+def test_data_digest_tells_content_not_only_sizes():
+    from stages.train import data_digest
+
+    images = tiny_split(64, 0)["images"]
+    assert data_digest(images) == data_digest(images.clone())
+    assert data_digest(images) != data_digest(images.flip(0))
+    assert data_digest(images) != data_digest(images.to(torch.int64))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -17,7 +18,9 @@ from stages.data import DeviceData, load_split, to_device
 from stages.model import count_params, from_checkpoint
 from stages.params import load_params
 from stages.plot import read_history
-from stages.train import fit, make_scheduler, new_state, smoothed_nll, score, train_epoch
+from stages.train import (EagerRunner, GraphRunner, fit, lr_schedule, make_runner, new_state,
+                          smoothed_nll, score, train_step)
+import stages.train
 
 CPU = torch.device("cpu")
 
@@ -46,35 +49,21 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(params):
                             schedule="step", gamma=1.0)  # a constant lr
     state = new_state(p, CPU, 64)
     batch = device_data(tiny_split(64, 0))
-    losses = [train_epoch(state, batch, p)[0] for _ in range(20)]  # one step each
+    losses = [EagerRunner().train_epoch(state, batch, p)[0] for _ in range(20)]  # a step each
     assert losses[-1] < 0.5 * losses[0]
-
-
-def lrs(p, steps_per_epoch: int) -> list[float]:
-    """The lr each training step of P's schedule uses."""
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=p.lr,
-                                momentum=p.momentum)
-    scheduler = make_scheduler(p, optimizer, steps_per_epoch)
-    out = []
-    for _ in range(p.epochs * steps_per_epoch):
-        out.append(optimizer.param_groups[0]["lr"])
-        assert optimizer.param_groups[0]["momentum"] == p.momentum
-        optimizer.step()
-        scheduler.step()
-    return out
 
 
 def test_step_schedule_drops_lr_every_step_size_epochs(params):
     p = dataclasses.replace(params.train, schedule="step", lr=0.01, epochs=7, step_size=3,
                             gamma=0.1)
     # exactly the floats an epoch-stepped StepLR gives, so step runs reproduce bit for bit
-    assert lrs(p, steps_per_epoch=5) == [0.01] * 15 + [0.01 * 0.1] * 15 + [0.01 * 0.1 * 0.1] * 5
+    assert lr_schedule(p, steps_per_epoch=5) == [0.01] * 15 + [0.01 * 0.1] * 15 + [0.01 * 0.1 * 0.1] * 5
 
 
 def test_onecycle_rises_to_lr_then_anneals(params):
     p = dataclasses.replace(params.train, schedule="onecycle", lr=0.1, epochs=4, warmup=0.25,
                             start_div=10.0, final_div=100.0)
-    seq = lrs(p, steps_per_epoch=10)
+    seq = lr_schedule(p, steps_per_epoch=10)
     peak = seq.index(max(seq))
     assert seq[0] == pytest.approx(0.01) and max(seq) == pytest.approx(0.1)
     assert peak == 9  # warmup ends a quarter of the way through the 40 steps
@@ -182,7 +171,7 @@ def test_plot_reads_history_and_refuses_a_broken_one(tmp_path):
 
 
 def test_compiled_steps_match_eager_steps(params):
-    """train.compile: on (the CUDA default) runs the same training as eager on the CPU:
+    """train.compile: on runs the same training as eager on the CPU:
     the same losses within 0.1 % over a few steps (Inductor fuses and reorders ops, so
     the last bits differ, and the steps carry the difference on), and checkpoints from the plain module, not torch.compile's wrapper.
     Without dropout: compiled code draws its masks from its own random generator."""
@@ -196,7 +185,8 @@ def test_compiled_steps_match_eager_steps(params):
     compiled = new_state(dataclasses.replace(p, compile="on"), CPU, 96)
     assert not is_compiled(eager.net) and is_compiled(compiled.net)
     for _ in range(3):  # three steps an epoch
-        a, b = train_epoch(eager, train, p), train_epoch(compiled, train, p)
+        a = EagerRunner().train_epoch(eager, train, p)
+        b = EagerRunner().train_epoch(compiled, train, p)
         assert a[0] == pytest.approx(b[0], rel=1e-3) and a[1] == pytest.approx(b[1], abs=1.1)
     assert is_compiled(compiled.net)  # it did not fall back
     test = device_data(tiny_split(64, 1))
@@ -256,3 +246,158 @@ def test_ema_is_what_is_tested_and_lags_the_weights(params):
     assert averaged.keys() == live.keys()
     assert not torch.equal(averaged["features.0.0.weight"], live["features.0.0.weight"])
     assert state.history[-1]["test/loss"] == score(state.ema.module, test)[0]
+
+
+# --- the step function and its two runners ------------------------------------------
+
+def epochs_before_the_step_function(state, data, p, epochs: int) -> list[tuple[float, float]]:
+    """The training loop as it was before train_step and the runners: the scheduler
+    object stepped after each optimizer step. The oracle for the eager runner."""
+    from stages.data import augment
+    from stages.train import make_scheduler
+
+    scheduler = make_scheduler(p, state.optimizer, math.ceil(len(data) / p.batch_size))
+    results = []
+    for _ in range(epochs):
+        state.net.train()
+        order = torch.randperm(len(data), generator=state.generator)
+        loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
+        for idx in order.split(p.batch_size):
+            x, y = data.x[idx], data.y[idx]
+            x = augment(x, p.rotation, p.translate, data.background, state.generator)
+            out = state.net(x)
+            loss = smoothed_nll(out, y, p.label_smoothing)
+            state.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.optimizer.step()
+            scheduler.step()
+            if state.ema is not None:
+                state.ema.update_parameters(state.model)
+            loss_sum += loss.detach() * len(y)
+            correct += (out.detach().argmax(dim=1) == y).sum()
+        results.append((loss_sum.item() / len(data), 100 * correct.item() / len(data)))
+    return results
+
+
+@pytest.mark.parametrize("changes", [{}, {"schedule": "step", "lr": 0.01, "step_size": 1,
+                                          "gamma": 0.5},
+                                     {"ema": 0.9, "label_smoothing": 0.1}])
+def test_the_eager_runner_trains_bit_for_bit_as_the_loop_before_it(params, changes):
+    """The committed CPU runs must not change: the schedule as a table of per-step lrs
+    and the step as a function give exactly the old loop's weights and numbers."""
+    p = dataclasses.replace(params.train, epochs=2, **changes)
+    data = device_data(tiny_split(200, 0))  # 6 batches of 32 and one of 8
+    before = new_state(p, CPU, 200)  # each right before its run: dropout draws from
+    expected = epochs_before_the_step_function(before, data, p, 2)  # torch's global RNG
+    after = new_state(p, CPU, 200)
+    assert [EagerRunner().train_epoch(after, data, p) for _ in range(2)] == expected
+    for name, tensor in before.model.state_dict().items():
+        assert torch.equal(after.model.state_dict()[name], tensor), name
+    if before.ema is not None:
+        for name, tensor in before.ema.state_dict().items():
+            assert torch.equal(after.ema.state_dict()[name], tensor), name
+
+
+def test_the_graph_runners_steps_match_the_eager_runners_on_the_cpu(params):
+    """GraphRunner without capture: its device-side gather, counters, lr table and fused
+    SGD with a tensor lr, run eagerly. Against the eager runner over 3 epochs the
+    weights differ by at most 1.8e-7 (measured: fused SGD rounds in another order), and
+    every logged number agrees within 1e-6; the tolerances are a few times that."""
+    p = dataclasses.replace(params.train, epochs=3)
+    train, test = device_data(tiny_split(200, 0)), device_data(tiny_split(64, 1))
+    eager = new_state(p, CPU, 200)
+    expected = fit(eager, train, test, p, runner=EagerRunner())
+    graphed = new_state(p, CPU, 200)
+    history = fit(graphed, train, test, p, runner=GraphRunner(graphed, train, p, capture=False))
+    for row, want in zip(history, expected, strict=True):
+        assert row == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(graphed.model.state_dict(), eager.model.state_dict(),
+                               rtol=1e-5, atol=1e-6)
+    assert graphed.step == eager.step == 3 * 7
+    assert graphed.optimizer.param_groups[0]["fused"] is True
+
+
+def test_both_runners_train_every_image_once_an_epoch_the_last_batch_included(
+        params, monkeypatch):
+    """200 images in batches of 64: three full batches and a last one of 8, in the
+    seeded order, the same batches from both runners."""
+    p = dataclasses.replace(params.train, batch_size=64, epochs=1)
+    data = device_data(tiny_split(200, 0))
+    seen = []
+
+    def recording_step(state, data, idx, p, totals):
+        seen.append(idx.clone())
+        real_step(state, data, idx, p, totals)
+
+    real_step = stages.train.train_step
+    monkeypatch.setattr(stages.train, "train_step", recording_step)
+    batches = {}
+    for name in ("eager", "graph"):
+        seen.clear()
+        state = new_state(p, CPU, 200)
+        runner = EagerRunner() if name == "eager" else GraphRunner(state, data, p, capture=False)
+        runner.train_epoch(state, data, p)
+        batches[name] = [idx.tolist() for idx in seen]
+        assert [len(b) for b in batches[name]] == [64, 64, 64, 8]
+        assert sorted(sum(batches[name], [])) == list(range(200))
+        assert state.step == 4
+        assert state.model.features[0][2].num_batches_tracked.item() == 4
+    assert batches["graph"] == batches["eager"]
+
+
+def test_a_failed_capture_falls_back_to_eager_with_one_line_and_state_untouched(
+        params, monkeypatch, capsys):
+    """Capture fails after the warm-up has trained: the runner rewinds the weights, the
+    momentum, the generator and the optimizer's settings, says so in one line, and the
+    run is exactly an eager run."""
+    p = dataclasses.replace(params.train, epochs=2)
+    train, test = device_data(tiny_split(200, 0)), device_data(tiny_split(64, 1))
+
+    def failing_capture(self, saved):
+        for _ in range(3):
+            self._step("full")  # as a warm-up does: weights, momentum, generator all move
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(GraphRunner, "_capture", failing_capture)
+    state = new_state(p, CPU, 200)
+    runner = make_runner(state, train, p, graphed=True)
+    assert isinstance(runner, EagerRunner)
+    assert capsys.readouterr().out.splitlines() == [
+        "warning: capturing the training step in a CUDA graph failed (RuntimeError: "
+        "operation not permitted when stream is capturing); training eagerly instead. To "
+        "skip the attempt, set train.cuda_graph=off (dvc exp run -S train.cuda_graph=off)"]
+    group = state.optimizer.param_groups[0]
+    assert group["fused"] is None and group["foreach"] is None and group["lr"] == p.lr
+    assert state.optimizer.state[state.model.features[0][0].weight]["momentum_buffer"].eq(0).all()
+    history = fit(state, train, test, p, runner=runner)
+    eager = new_state(p, CPU, 200)
+    assert history == fit(eager, train, test, p)
+    for name, tensor in eager.model.state_dict().items():
+        assert torch.equal(state.model.state_dict()[name], tensor), name
+
+
+def test_cuda_graph_auto_is_off_without_cuda_and_on_is_refused_there(params):
+    from stages.train import use_cuda_graph
+
+    p = params.train
+    assert use_cuda_graph(p, CPU) is False
+    with pytest.raises(StageError, match="train.cuda_graph is on but training runs on the cpu"):
+        use_cuda_graph(dataclasses.replace(p, cuda_graph="on"), CPU)
+    cuda = torch.device("cuda")
+    assert use_cuda_graph(p, cuda) is True
+    assert use_cuda_graph(dataclasses.replace(p, ema=0.99), cuda) is False
+    assert use_cuda_graph(dataclasses.replace(p, compile="on"), cuda) is False
+    assert use_cuda_graph(dataclasses.replace(p, cuda_graph="off"), cuda) is False
+
+
+def test_fast_dropout_draws_other_masks_so_it_changes_the_result(params):
+    """Not a speed-only switch: from the same seed, Dropout16 and nn.Dropout drop other
+    units, and the runs part (docs/performance.md has the numbers on real data)."""
+    data = device_data(tiny_split(96, 0))
+    weights = {}
+    for value in ("on", "off"):
+        p = dataclasses.replace(params.train, epochs=1, fast_dropout=value)
+        state = new_state(p, CPU, 96)
+        EagerRunner().train_epoch(state, data, p)
+        weights[value] = state.model.features[0][0].weight.detach().clone()
+    assert not torch.equal(weights["on"], weights["off"])
