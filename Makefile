@@ -64,5 +64,6 @@ bench: setup
 # The GPU check (docs/gpu.md). No setup: a lent GPU machine has torch but no network
 # for requirements.txt, so this runs the first python3 on PATH (the venv's, if any).
 GPU_JSON ?= benchmarks/results-gpu.json
+GPU_ARGS ?=
 gpu-check:
-	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_JSON)
+	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_JSON) $(GPU_ARGS)

@@ -1,5 +1,7 @@
-"""GPU check: the CUDA tests, training on CUDA with compile on and off, and the speed
-benchmark, in one run that writes one JSON file (docs/gpu.md).
+"""GPU check: the CUDA tests, training on CUDA as committed (CUDA graphs), eagerly and
+compiled, the train stage as a whole process twice (its time, and whether the two
+runs are bit-identical), and the speed benchmark, in one run that writes one JSON file
+(docs/gpu.md).
 
 Run from the repository root on a machine with a CUDA GPU (`make gpu-check`):
 
@@ -7,7 +9,9 @@ Run from the repository root on a machine with a CUDA GPU (`make gpu-check`):
     python -m benchmarks.gpu_check --cpu-smoke --epochs 1   # the script itself, on the CPU
 
 It needs torch, pytest, pyyaml, tqdm, numpy, pandas and matplotlib, not DVC: the
-training runs call stages.train's functions directly, with params.yaml's train section.
+in-process runs call stages.train's functions directly, with params.yaml's train
+section; the train stage's own process gets stand-ins (benchmarks/stubs) for DVCLive
+and torchinfo where they are not installed.
 The speed benchmark also needs torchvision. Each part that fails is recorded in the
 JSON and the next one runs; the file is rewritten after every part, so a run cut
 short keeps what it measured. Parts that would start after the time budget is spent
@@ -19,7 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import json
+import os
 import platform
 import re
 import statistics
@@ -34,20 +40,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import yaml
 
-from stages.common import StageError, run_cli, write_json
+from stages.common import StageError, load_torch, run_cli, write_json
 from stages.data import DeviceData, load_split, load_stats, to_device
-from stages.device import is_compiled, switch
-from stages.params import TrainParams, load_params
-from stages.train import fit, new_state
+from stages.device import is_compiled
+from stages.params import RuntimeParams, TrainParams, load_params
+from stages.runtime import apply as apply_runtime
+from stages.train import fit, make_runner, new_state, use_cuda_graph
 
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("benchmarks/results-gpu.json")  # beside results-cpu.json; tools.docs reads it
-SCHEMA = 1  # the JSON's layout version
+SCHEMA = 2  # the JSON's layout version: 2 added the runner, the stage runs and the commit
 BUDGET_S = 480  # the whole check: about 8 minutes, so that it fits one slot on a lent GPU
 TESTS_TIMEOUT_S = 240  # the CUDA tests' share of it, compiling included
 MIN_PART_S = 30  # a part that would start with less time left is skipped
 CUDA_TESTS = "tests/test_cuda.py"
-SETTINGS = ("auto", "off")  # train.compile for the two training runs; auto is on for CUDA
+# the in-process training runs: params.yaml's train section with these changes
+RUNS = {"default": {}, "eager": {"cuda_graph": "off", "compile": "off"},
+        "compiled": {"cuda_graph": "off", "compile": "on"}}
+SWITCHES = ("cuda_graph", "compile", "channels_last", "fast_dropout")
 # the IDX files that torchvision's MNIST reads, for the benchmark's DataLoader baseline
 IDX = {"images": (2051, "images-idx3-ubyte"), "labels": (2049, "labels-idx1-ubyte")}
 IDX_PREFIX = {"train": "train", "test": "t10k"}
@@ -115,10 +127,14 @@ def run_part(name: str, fn, skip: str | None = None) -> dict:
 
 def junit_counts(xml_text: str) -> dict:
     """Passed, failed, errors and skipped from pytest's JUnit XML, with the first line
-    of each failure's message."""
+    of each failure's message, and what the tests measured (their record_property
+    values: the differences that their tolerances bound), by test."""
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    failures, reasons = [], set()
+    failures, reasons, measured = [], set(), {}
     for case in ET.fromstring(xml_text).iter("testcase"):
+        recorded = {prop.get("name"): prop.get("value") for prop in case.iter("property")}
+        if recorded:
+            measured[case.get("name")] = recorded
         outcome = next((child for child in case
                         if child.tag in ("failure", "error", "skipped")), None)
         key = {"failure": "failed", "error": "errors", "skipped": "skipped"}.get(
@@ -130,7 +146,8 @@ def junit_counts(xml_text: str) -> dict:
             failures.append({"test": case.get("name"), "message": first})
         elif key == "skipped" and first:
             reasons.add(first)
-    return {**counts, "failures": failures, "skip_reasons": sorted(reasons)}
+    return {**counts, "failures": failures, "skip_reasons": sorted(reasons),
+            "measured": measured}
 
 
 def cuda_tests(timeout_s: float) -> dict:
@@ -169,16 +186,18 @@ def load_data(data_dir: Path, device: torch.device) -> tuple[DeviceData, DeviceD
 
 def measure_training(p: TrainParams, train: DeviceData, test: DeviceData,
                      device: torch.device, budget: Budget) -> dict:
-    """Train P from scratch, as the train stage does: the wall time, each epoch's time
-    (its test pass included) and test accuracy.
+    """Train P from scratch, as the train stage does: the wall time, the capture's time,
+    each epoch's time (its test pass included) and test accuracy.
 
-    The first epoch holds compiling and CUDA-graph recording, so the later epochs'
-    mean is the speed of training itself. The device is synchronised at each epoch's
-    end, so host timers measure its kernels' work.
+    The first epoch holds compiling (train.compile on), so the later epochs' mean is
+    the speed of training itself. The device is synchronised at each epoch's end, so
+    host timers measure its kernels' work.
     """
     synchronize(device)
     start = time.perf_counter()
     state = new_state(p, device, len(train))
+    runner = make_runner(state, train, p, use_cuda_graph(p, device))
+    synchronize(device)
     marks = [time.perf_counter()]
 
     def on_epoch(s) -> None:
@@ -189,17 +208,18 @@ def measure_training(p: TrainParams, train: DeviceData, test: DeviceData,
 
     stopped = False
     try:
-        fit(state, train, test, p, on_epoch)
+        fit(state, train, test, p, on_epoch, runner)
     except OutOfTime:
         stopped = True
     epoch_s = [b - a for a, b in zip(marks, marks[1:])]
     later = epoch_s[1:]
     result = {
         "status": "partial" if stopped else "ok",
-        "compile": p.compile,
-        "compiled": is_compiled(state.net),  # false if compiling failed and it fell back
+        "settings": {key: getattr(p, key) for key in SWITCHES},
+        "runner": "torch.compile" if is_compiled(state.net) else runner.name,
         "epochs": state.epoch,
         "wall_s": round(marks[-1] - start, 2),
+        "setup_s": round(marks[0] - start, 2),
         "first_epoch_s": round(epoch_s[0], 2),
         "later_epoch_mean_s": round(statistics.mean(later), 3) if later else None,
         "epoch_s": [round(s, 3) for s in epoch_s],
@@ -209,6 +229,51 @@ def measure_training(p: TrainParams, train: DeviceData, test: DeviceData,
     if stopped:
         result["reason"] = f"time budget spent after epoch {state.epoch} of {p.epochs}"
     return result
+
+
+# --- the train stage as a whole process, twice ------------------------------------
+
+def stub_path() -> str | None:
+    """benchmarks/stubs, for the train stage's DVCLive and torchinfo where they are not
+    installed (a bare GPU machine); None where both are."""
+    missing = [name for name in ("dvclive", "torchinfo") if importlib.util.find_spec(name) is None]
+    return str(Path(__file__).with_name("stubs")) if missing else None
+
+
+def train_stage_twice(p: TrainParams, runtime: RuntimeParams, data_dir: Path,
+                      timeout_s: float) -> dict:
+    """`python -m stages.train` run twice from scratch in fresh folders, with P and
+    RUNTIME as its params.yaml, each timed from outside as a whole process (start-up,
+    imports, data loading, capture, training, saving); then every file the two runs
+    wrote compared byte for byte."""
+    with tempfile.TemporaryDirectory(prefix="gpu-check-stage-") as tmp:
+        root = Path(tmp)
+        params = {"train": dataclasses.asdict(p), "evaluate": {"batch_size": 250,
+                                                               "max_errors": 0},
+                  "runtime": dataclasses.asdict(runtime)}
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        paths = [str(REPO)] + ([stub_path()] if stub_path() else [])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+        walls = []
+        for run in ("a", "b"):
+            cmd = [sys.executable, "-m", "stages.train", "--data", str(data_dir.resolve()),
+                   "--models", f"{run}/models", "--live", f"{run}/live"]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True,
+                                  timeout=timeout_s)
+            walls.append(round(time.perf_counter() - start, 2))
+            if proc.returncode != 0:
+                return {"status": "error", "wall_s": walls,
+                        "error": f"exited {proc.returncode}: {last_message(proc.stderr)}"}
+        files = sorted(path.relative_to(root / "a") for path in (root / "a").rglob("*")
+                       if path.is_file())
+        differing = [str(f) for f in files
+                     if not (root / "b" / f).is_file()
+                     or (root / "a" / f).read_bytes() != (root / "b" / f).read_bytes()]
+        final = load_torch(root / "a" / "models" / "model.pt", "checkpoint")["test_accuracy"]
+    return {"status": "failed" if differing else "ok", "wall_s": walls, "files": len(files),
+            "bit_identical": not differing, "differing": differing,
+            "final_test_acc": final, "stubbed": stub_path() is not None}
 
 
 # --- the speed benchmark, in a subprocess ----------------------------------------
@@ -265,16 +330,18 @@ def benchmark(data_dir: Path, timeout_s: float, batches: int, repeat: int) -> di
 
 # --- the whole check -------------------------------------------------------------
 
-def run_check(p: TrainParams, data_dir: Path, device: torch.device, budget: Budget,
-              out: Path | None = None, bench_batches: int = 0, bench_repeat: int = 3) -> dict:
+def run_check(p: TrainParams, runtime: RuntimeParams, data_dir: Path, device: torch.device,
+              budget: Budget, out: Path | None = None, bench_batches: int = 0,
+              bench_repeat: int = 3, commit: str | None = None) -> dict:
     """Every part in turn; the results, also written to OUT after each part.
 
     The CUDA tests and the benchmark run only on CUDA; on the CPU (a smoke run of
     this script) they are recorded as skipped."""
-    results = {"schema": SCHEMA,
+    results = {"schema": SCHEMA, "commit": commit,
                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "budget_s": budget.total_s, "environment": environment(device),
-               "params": dataclasses.asdict(p), "data": str(data_dir)}
+               "params": dataclasses.asdict(p), "runtime": dataclasses.asdict(runtime),
+               "data": str(data_dir)}
     no_cuda = None if device.type == "cuda" else f"needs CUDA; this run is on the {device.type}"
 
     def save() -> None:
@@ -295,25 +362,28 @@ def run_check(p: TrainParams, data_dir: Path, device: torch.device, budget: Budg
     def data() -> tuple[DeviceData, DeviceData]:  # loaded once, by the first training run
         return load_data(data_dir, device)
 
-    def train(setting: str) -> dict:
-        return measure_training(dataclasses.replace(p, compile=setting), *data(), device, budget)
-
+    # the default first: it is what `dvc repro` runs
     results["train"] = {}
-    for setting in SETTINGS:
-        results["train"][f"compile_{setting}"] = run_part(
-            f"training, train.compile {setting}", lambda: train(setting), skip(None))
+    for name, changes in RUNS.items():
+        results["train"][name] = run_part(
+            f"training, {name}", lambda: measure_training(
+                dataclasses.replace(p, **changes), *data(), device, budget), skip(None))
         save()
+        if name == "default":
+            results["stage"] = run_part(
+                "the train stage as a process, twice",
+                lambda: train_stage_twice(p, runtime, data_dir, budget.left()), skip(None))
+            save()
     results["benchmark"] = run_part(
         "speed benchmark", lambda: benchmark(data_dir, budget.left(), bench_batches, bench_repeat),
         skip(no_cuda))
-    if results["benchmark"]["status"] == "ok":  # it trains with params.yaml's train.compile
-        results["benchmark"]["compile"] = "on" if switch(p.compile, device) else "off"
     save()
     return results
 
 
 def failed_parts(results: dict) -> list[str]:
     parts = {"cuda_tests": results["cuda_tests"], "benchmark": results["benchmark"],
+             **({"stage": results["stage"]} if "stage" in results else {}),
              **{f"train {k}": v for k, v in results["train"].items()}}
     return [name for name, part in parts.items() if part["status"] not in OK]
 
@@ -321,6 +391,10 @@ def failed_parts(results: dict) -> list[str]:
 # --- the README's table ----------------------------------------------------------
 
 DASH = "—"
+# the runs' column headings; schema 1 (before the CUDA-graph runner) had the last two
+COLUMNS = {"default": "params.yaml as committed", "eager": "eager (`cuda_graph` off)",
+           "compiled": "`compile` on", "compile_auto": "`compile` auto (then on for CUDA)",
+           "compile_off": "`compile` off (eager)"}
 
 
 def _cell(part: dict, key: str, fmt: str) -> str:
@@ -329,16 +403,26 @@ def _cell(part: dict, key: str, fmt: str) -> str:
 
 
 def _run_header(name: str, run: dict) -> str:
+    label = COLUMNS.get(name, name)
     if run.get("status") == "ok":
-        return name
+        return label
     if run.get("status") == "partial":
-        return f"{name} ({run.get('epochs')} epochs, budget spent)"
-    return f"{name} ({run.get('status', 'missing')})"
+        return f"{label} ({run.get('epochs')} epochs, budget spent)"
+    return f"{label} ({run.get('status', 'missing')})"
+
+
+def _runner(run: dict) -> str:
+    if "runner" in run:
+        return run["runner"]
+    if "compiled" in run:  # schema 1
+        return "torch.compile" if run["compiled"] else "eager"
+    return DASH
 
 
 def gpu_table(results: dict) -> str:
-    """A caption line and a markdown table of a gpu_check results dict: one column per
-    train.compile setting; the benchmark's (a)/(b) in the column of the setting it ran."""
+    """A caption line and a markdown table of a gpu_check results dict (schema 1 or 2):
+    one column per training run; the train stage's process times and the benchmark's
+    (a)/(b) in the column of the settings they ran."""
     env = results.get("environment", {})
     tests = results.get("cuda_tests", {})
     if tests.get("status") in ("ok", "failed"):
@@ -347,28 +431,70 @@ def gpu_table(results: dict) -> str:
     else:
         tests_text = tests.get("status", "not run")
     caption = (f"{env.get('gpu') or 'no GPU (' + str(env.get('device')) + ')'}, "
-               f"torch {env.get('torch', DASH)}, CUDA {env.get('cuda') or DASH}; "
-               f"CUDA tests: {tests_text}.")
-    runs = [results.get("train", {}).get(f"compile_{s}", {}) for s in SETTINGS]
+               f"torch {env.get('torch', DASH)}, CUDA {env.get('cuda') or DASH}, "
+               f"commit {results.get('commit') or 'not recorded'}; CUDA tests: {tests_text}.")
+    names = list(results.get("train", {}))
+    runs = [results["train"][name] for name in names]
     bench = results.get("benchmark", {})
-    bench_setting = "auto" if bench.get("compile") == "on" else "off"  # auto is on for CUDA
+    if results.get("schema", 1) >= 2:
+        bench_column = "default"
+    else:  # schema 1 recorded train.compile as the benchmark ran it
+        bench_column = "compile_auto" if bench.get("compile") == "on" else "compile_off"
+    stage = results.get("stage", {})
     epochs = results.get("params", {}).get("epochs", DASH)
     later = f"epochs 2–{epochs}" if isinstance(epochs, int) and epochs > 1 else "later epochs"
+
+    def only(name: str, text: str) -> list[str]:
+        return [text if n == name else DASH for n in names]
+
     rows = [
-        ("ran compiled (CUDA graphs on CUDA)",
-         [DASH if "compiled" not in r else ("yes" if r["compiled"] else "no") for r in runs]),
-        (f"wall time, {epochs} epochs (s)", [_cell(r, "wall_s", ".1f") for r in runs]),
-        ("epoch 1: compiling, warm-up (s)", [_cell(r, "first_epoch_s", ".1f") for r in runs]),
+        ("training steps run by", [_runner(r) for r in runs]),
+        (f"wall time, {epochs} epochs, in process (s)", [_cell(r, "wall_s", ".1f") for r in runs]),
+        ("epoch 1 (s)", [_cell(r, "first_epoch_s", ".1f") for r in runs]),
         (f"{later}, mean (s)", [_cell(r, "later_epoch_mean_s", ".2f") for r in runs]),
         ("final test accuracy (%)", [_cell(r, "final_test_acc", ".2f") for r in runs]),
-        ("speed against the DataLoader pipeline, (a)/(b): best of rounds; paired median",
-         [f"{bench['a_over_b']:.2f}×; {bench['paired_vs_baseline']:.2f}×"
-          if bench.get("status") == "ok" and bench_setting == s else DASH for s in SETTINGS]),
     ]
-    head = [_run_header(f"`train.compile` {s}", r) for s, r in zip(SETTINGS, runs)]
-    lines = [caption, "", f"| | {' | '.join(head)} |", "|---|" + "---:|" * len(SETTINGS)]
+    if stage:
+        walls = ", ".join(f"{w:.1f}" for w in stage.get("wall_s", [])) or DASH
+        same = DASH if "bit_identical" not in stage else (
+            "yes" if stage["bit_identical"] else "no: " + ", ".join(stage["differing"]))
+        rows += [("`python -m stages.train`, whole process, two runs (s)", only("default", walls)),
+                 ("the two runs' files bit-identical", only("default", same))]
+    if bench.get("status") == "ok":
+        rows.append(("speed against the DataLoader pipeline, (a)/(b): best of rounds; "
+                     "paired median", only(bench_column, f"{bench['a_over_b']:.2f}×; "
+                                                         f"{bench['paired_vs_baseline']:.2f}×")))
+    head = [_run_header(name, run) for name, run in zip(names, runs)]
+    lines = [caption, "", f"| | {' | '.join(head)} |", "|---|" + "---:|" * len(names)]
     lines += [f"| {label} | {' | '.join(cells)} |" for label, cells in rows]
     return "\n".join(lines)
+
+
+def gpu_summary(results: dict) -> str:
+    """One sentence of a results dict for README: the GPU, the commit, and each
+    training run's 15-epoch time, runner and final accuracy."""
+    env = results.get("environment", {})
+    epochs = results.get("params", {}).get("epochs", DASH)
+    runs = [f"{_runner(run)} {run['wall_s']:.1f} s ({run['final_test_acc']:.2f} %)"
+            for run in results.get("train", {}).values() if run.get("status") == "ok"]
+    stage = results.get("stage", {})
+    process = (f"; the train stage as a whole process {stage['wall_s'][0]:.1f} s, two runs "
+               f"{'bit-identical' if stage['bit_identical'] else 'not bit-identical'}"
+               if stage.get("status") in ("ok", "failed") else "")
+    return (f"{env.get('gpu') or 'no GPU'} (torch {env.get('torch', DASH)}), commit "
+            f"{results.get('commit') or 'not recorded'}: {epochs} epochs in process "
+            f"took {', '.join(runs) or DASH}{process}. Details: "
+            "[docs/performance.md](docs/performance.md#measured).")
+
+
+def git_commit() -> str | None:
+    """The checkout's commit, short, or None outside a git checkout."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -378,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=BUDGET_S,
                         help=f"seconds for the whole check (default {BUDGET_S})")
     parser.add_argument("--epochs", type=int, help="default: params.yaml's train.epochs")
+    parser.add_argument("--commit", help="the project's commit, where git cannot tell")
     parser.add_argument("--bench-batches", type=int, default=0,
                         help="the benchmark's --batches (default 0: whole epochs)")
     parser.add_argument("--bench-repeat", type=int, default=3, help="the benchmark's --repeat")
@@ -396,15 +523,17 @@ def main(argv: list[str] | None = None) -> None:
     else:
         raise StageError("torch sees no CUDA GPU; run the GPU check on a machine with one, "
                          "or add --cpu-smoke to try it on the CPU")
-    p = load_params().train
+    params = load_params()
+    apply_runtime(params.runtime)  # as the train stage does, before any torch work
+    p = params.train
     if args.epochs is not None:
         p = dataclasses.replace(p, epochs=args.epochs)
     env = environment(device)
     print(f"{env['gpu'] or 'no GPU, on the ' + device.type}, torch {env['torch']} "
           f"(CUDA {env['cuda']}), "
           f"Python {env['python']}; budget {args.budget:.0f} s", flush=True)
-    results = run_check(p, args.data, device, budget, args.out, args.bench_batches,
-                        args.bench_repeat)
+    results = run_check(p, params.runtime, args.data, device, budget, args.out,
+                        args.bench_batches, args.bench_repeat, args.commit or git_commit())
     print(f"\n{gpu_table(results)}\n\nwritten to {args.out} in {results['elapsed_s']} s",
           flush=True)
     failed = failed_parts(results)

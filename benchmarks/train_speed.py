@@ -5,13 +5,15 @@ Run from the repository root after `dvc repro preprocess`:
     python -m benchmarks.train_speed [--batches N] [--json] [--out results.json]
 
 In one process it measures training images per second for
-  (a) project:  stages.train's loop: device-resident data, seeded randperm batches,
-                batched rotation and shift on the device, then the per-epoch test pass;
+  (a) project:  stages.train's runner (CUDA graphs on CUDA, eager elsewhere):
+                device-resident data, seeded randperm batches, batched rotation and
+                shift on the device, then the per-epoch test pass;
   (b) baseline: torchvision's MNIST dataset with RandomAffine (the recipe's rotation
                 and shift), ToTensor and Normalize in a DataLoader, the same model and
                 optimiser, then a test pass;
   (c) ceiling:  the same training step on resident batches, no augmentation, no test pass.
-(a) and (b) count the test pass, as a real epoch does. All use params.yaml's train section.
+(a) and (b) count the test pass, as a real epoch does. All use params.yaml's train
+section, with its runtime section applied first, as the train stage does.
 Each round measures the three back to back; the table shows the fastest of each over
 the rounds, and the last line the median over rounds of each round's ratios.
 """
@@ -37,7 +39,9 @@ from stages.common import StageError, run_cli, write_json
 from stages.data import load_split, load_stats, to_device
 from stages.device import resolve_device
 from stages.params import load_params
-from stages.train import TEST_BATCH_SIZE, new_state, score, train_epoch
+from stages.runtime import apply as apply_runtime
+from stages.train import (TEST_BATCH_SIZE, EagerRunner, make_runner, new_state, score,
+                          use_cuda_graph)
 
 MNIST_RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -114,7 +118,9 @@ def main() -> None:
 
     if args.batches < 0 or args.repeat < 1 or args.workers < 0:
         raise StageError("--batches must be >= 0, --repeat >= 1 and --workers >= 0")
-    p = load_params().train
+    params = load_params()
+    apply_runtime(params.runtime)
+    p = params.train
     eval_bs = TEST_BATCH_SIZE
     device = resolve_device(p.device)
     mean, std = load_stats(args.data / "stats.json")
@@ -142,15 +148,21 @@ def main() -> None:
     no_aug = dataclasses.replace(p, rotation=0.0, translate=0.0)
     for s, q in ((project, p), (ceiling, no_aug)):
         for _ in range(2):
-            train_epoch(s, warm, q)
+            EagerRunner().train_epoch(s, warm, q)
             score(s.net, warm_test, eval_bs)
+    graphed = use_cuda_graph(p, device)
+    runners = {"project": make_runner(project, train_data, p, graphed),
+               "ceiling": make_runner(ceiling, train_data, no_aug, graphed)}
+    test_bs = runners["project"].test_batch_size
 
     measure = {
-        "project": lambda: timed(lambda: (train_epoch(project, train_data, p),
-                                          score(project.scored, test_data, eval_bs)), device),
+        "project": lambda: timed(lambda: (
+            runners["project"].train_epoch(project, train_data, p),
+            score(project.scored, test_data, test_bs)), device),
         "baseline": lambda: baseline_epoch(p, tv_root, mean, std, device, n_train, n_test,
                                            eval_bs, args.workers),
-        "ceiling": lambda: timed(lambda: train_epoch(ceiling, train_data, no_aug), device),
+        "ceiling": lambda: timed(lambda: runners["ceiling"].train_epoch(ceiling, train_data,
+                                                                        no_aug), device),
     }
     with tempfile.TemporaryDirectory(prefix="mnist-tv-") as tmp:
         tv_root = torchvision_root(args.raw, Path(tmp))
@@ -178,6 +190,7 @@ def main() -> None:
                "paired_vs_baseline": round(paired["baseline"], 3),
                "paired_vs_ceiling": round(paired["ceiling"], 3),
                "device": name, "torch": torch.__version__,
+               "runner": runners["project"].name,
                "train_images": n_train, "rounds": args.repeat}
     if args.json:
         print(json.dumps(results))
