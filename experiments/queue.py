@@ -25,41 +25,62 @@ def queue_status() -> str:
     return output("dvc", "queue", "status")
 
 
-def wait_for_queue(names: list[str], start_workers, status=queue_status,
-                   poll_s: float = 15) -> None:
-    """Wait until the queue is idle; fail if any of NAMES failed.
+def queue_tasks(text: str) -> dict[str, tuple[str, str]]:
+    """`dvc queue status`'s rows as {task id: (name, status)}."""
+    tasks = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] != "Task" and words[-1] in TASK_STATES:
+            tasks[words[0]] = (words[1], words[-1])
+    return tasks
 
-    DVC's workers sometimes all stop while tasks are still queued
-    (treeverse/dvc#10562); START_WORKERS() starts them again then.
-    """
+
+TASK_STATES = ("Queued", "Running", "Success", "Failed")
+PENDING = ("Queued", "Running")
+
+
+def wait_for_queue(tasks: dict[str, str], start_workers, status=queue_status,
+                   poll_s: float = 15) -> None:
+    """Wait until each of TASKS ({task id: name}) has ended; fail if any of them failed.
+
+    Only these tasks count: other entries of the queue, running or failed, from
+    earlier runs or other people, are left alone. DVC's workers sometimes all stop
+    while tasks are still queued (treeverse/dvc#10562); START_WORKERS() starts them
+    again then, if one of TASKS is among them."""
     while True:
         time.sleep(poll_s)
         text = status()
-        if "Running" in text:
-            continue
-        if "Queued" not in text:
-            print(text)
+        rows = queue_tasks(text)
+        states = {task: rows.get(task, (name, "missing"))[1] for task, name in tasks.items()}
+        if not any(state in PENDING for state in states.values()):
             break
-        if "Worker status: 0 active" in text:
+        if "Queued" in states.values() and "Worker status: 0 active" in text:
             start_workers()
-    failed = [line.split()[1] for line in text.splitlines()
-              if "Failed" in line and len(line.split()) > 1 and line.split()[1] in names]
+    failed = [tasks[task] for task, state in states.items() if state not in ("Success",)]
     if failed:
         raise StageError(f"experiments {', '.join(failed)} failed; see `dvc queue logs NAME`")
 
 
-def run_queued(runs: dict[str, list[str]], jobs: int) -> None:
+def run_queued(runs: dict[str, list[str]], jobs: int, status=queue_status,
+               poll_s: float = 15) -> None:
     """Queue one experiment per name in RUNS (its -S arguments), run them on JOBS workers
-    and wait. Each stage pins its own thread count (params.yaml's runtime.threads), so
-    JOBS workers use JOBS cores at runtime.threads=1."""
+    and wait for them (by their task ids). Each stage pins its own thread count
+    (params.yaml's runtime.threads), so JOBS workers use JOBS cores at
+    runtime.threads=1."""
+    before = set(queue_tasks(status()))
     for name, args in runs.items():
         sh("dvc", "exp", "run", "--queue", "-f", "-n", name, *args)
+    tasks = {task: name for task, (name, _) in queue_tasks(status()).items()
+             if task not in before and name in runs}
+    if sorted(tasks.values()) != sorted(runs):
+        raise StageError(f"queued {', '.join(runs)} but `dvc queue status` lists "
+                         f"{', '.join(sorted(tasks.values())) or 'none of them'}")
 
     def start_workers() -> None:
         sh("dvc", "queue", "start", "--jobs", str(jobs))
 
     start_workers()
-    wait_for_queue(list(runs), start_workers)
+    wait_for_queue(tasks, start_workers, status, poll_s)
 
 
 def experiment_rev(name: str) -> str:

@@ -13,20 +13,19 @@ the minimum, median and mean of the finals, and the params the seeds shared.
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import subprocess
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from experiments.queue import experiment_rev, read_at, run_queued
 from stages.common import StageError, run_cli, write_json
-from stages.params import read_yaml
+from stages.history import metric_path, read_metric
+from stages.params import read_yaml, read_yaml_text
 
 SEEDS_JSON = Path("metrics/seeds.json")
-TEST_ACC = "metrics/train/plots/metrics/test/acc.tsv"
+TEST_ACC = metric_path("metrics/train", "test", "acc").as_posix()
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -44,9 +43,8 @@ def parse_seeds(text: str) -> list[int]:
     return sorted(seeds)
 
 
-def seed_result(history: pd.DataFrame) -> dict:
-    """Final and best test accuracy of one run, from its per-epoch test accuracy."""
-    acc = history.set_index("step")["acc"]
+def seed_result(acc: pd.Series) -> dict:
+    """Final and best test accuracy of one run, from its test accuracy by epoch."""
     return {"final": round(float(acc.iloc[-1]), 4), "best": round(float(acc.max()), 4),
             "best_epoch": int(acc.idxmax()), "epochs": int(acc.index[-1])}
 
@@ -70,9 +68,10 @@ def read_results(seeds: list[int]) -> tuple[dict[int, dict], dict]:
     results, params = {}, None
     for seed in seeds:
         rev = experiment_rev(f"seed-{seed}")
-        history = pd.read_csv(io.StringIO(read_at(rev, TEST_ACC)), sep="\t")
-        results[seed] = seed_result(history)
-        ran = yaml.safe_load(read_at(rev, "params.yaml"))
+        results[seed] = seed_result(read_metric(f"{rev[:7]}:{TEST_ACC}", "acc",
+                                                text=read_at(rev, TEST_ACC)))
+        # as the stages read it: 1e-4 is a number, not PyYAML's string '1e-4'
+        ran = read_yaml_text(read_at(rev, "params.yaml"), f"{rev[:7]}:params.yaml")
         if ran["train"].pop("seed") != seed:  # the rest must be the same for every seed
             raise StageError(f"experiment seed-{seed} did not run with train.seed={seed}")
         if params is not None and ran != params:

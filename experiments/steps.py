@@ -12,8 +12,10 @@ recommended recipe. With --jobs above 1 the runs go to DVC's queue first, N at a
 then made from its experiment with `dvc exp apply`, which overwrites tracked files
 edited meanwhile: leave the tree alone while it runs.
 
-Git names these commits by message, so `dvc metrics diff ':/^step-1:' ':/^step-5:'`
-compares two steps in any clone, without training.
+Git names these commits by message: `HEAD^{/^step-1:}` is the youngest commit in
+HEAD's history whose message starts with `step-1:`, so `dvc metrics diff
+'HEAD^{/^step-1:}' 'HEAD^{/^step-5:}'` compares two steps of this branch, without
+training.
 """
 
 from __future__ import annotations
@@ -101,8 +103,14 @@ def commit_steps(steps: dict, jobs: int) -> None:
         commit_step(name, step)
 
 
+def step_rev(name: str) -> str:
+    """Git's name for step NAME's commit: the youngest in HEAD's history whose message
+    starts with `NAME:` (other branches and fetched refs do not count)."""
+    return f"HEAD^{{/^{name}:}}"
+
+
 def compare(steps: dict) -> None:
-    first, last = (f":/^{name}:" for name in (list(steps)[0], list(steps)[-1]))
+    first, last = (step_rev(name) for name in (list(steps)[0], list(steps)[-1]))
     sh("dvc", "metrics", "diff", first, last)
     sh("dvc", "params", "diff", first, last)
 

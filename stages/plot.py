@@ -14,6 +14,7 @@ import pandas as pd
 
 from stages.common import StageError, run_cli
 from stages.figures import plt, save_png
+from stages.history import metric_path, read_metric
 
 CURVES = {"acc": ("accuracy.png", "accuracy (%)"), "loss": ("loss.png", "loss (NLL)")}
 SPLITS = ("train", "test")
@@ -21,20 +22,9 @@ SPLITS = ("train", "test")
 
 def read_history(live_dir: str | Path) -> pd.DataFrame:
     """One row per epoch, with columns train/acc, test/acc, train/loss, test/loss."""
-    columns = []
-    for split in SPLITS:
-        for metric in CURVES:
-            path = Path(live_dir) / "plots" / "metrics" / split / f"{metric}.tsv"
-            try:
-                frame = pd.read_csv(path, sep="\t", usecols=["step", metric])
-            except FileNotFoundError:
-                raise StageError(f"{path}: per-epoch history not found; run the train "
-                                 "stage (dvc repro train)") from None
-            except (ValueError, pd.errors.ParserError) as err:
-                raise StageError(f"{path}: unreadable history ({err}); rerun the train stage") from None
-            columns.append(frame.set_index("step")[metric].rename(f"{split}/{metric}"))
+    columns = [read_metric(metric_path(live_dir, split, metric), metric).rename(f"{split}/{metric}")
+               for split in SPLITS for metric in CURVES]
     history = pd.concat(columns, axis=1).sort_index()
-    history.index.name = "epoch"
     if history.empty or history.isna().any().any():
         raise StageError(f"{live_dir}: per-epoch history is empty or its files disagree on "
                          "the epochs; rerun the train stage")

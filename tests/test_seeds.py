@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from experiments.seeds import parse_seeds, seed_result, summarise, table
+from helpers import REPO
 from stages.common import StageError
 
 
@@ -22,8 +23,8 @@ def test_bad_seeds_are_one_line_errors(text):
 
 
 def test_seed_result_takes_the_last_epoch_and_the_best_with_its_epoch():
-    history = pd.DataFrame({"step": [1, 2, 3, 4], "acc": [98.0, 99.51, 99.49, 99.5]})
-    assert seed_result(history) == {"final": 99.5, "best": 99.51, "best_epoch": 2, "epochs": 4}
+    acc = pd.Series([98.0, 99.51, 99.49, 99.5], index=[1, 2, 3, 4])
+    assert seed_result(acc) == {"final": 99.5, "best": 99.51, "best_epoch": 2, "epochs": 4}
 
 
 def test_summary_and_table():
@@ -38,3 +39,26 @@ def test_summary_and_table():
     lines = table(doc).splitlines()
     assert lines[2] == "| 1 | 99.60 | 99.60 (15) |"
     assert lines[-1] == "| **3 seeds** | min 99.50, median 99.55, mean 99.55 | |"
+
+
+def test_the_params_of_a_seed_run_are_read_as_the_stages_read_them(tmp_path, monkeypatch):
+    """PyYAML alone reads 1e-4 as the string '1e-4'; seeds.json must hold the number, or
+    the docs report a drift from params.yaml that is not there."""
+    import experiments.seeds as seeds
+
+    text = (REPO / "params.yaml").read_text().replace("weight_decay: 0.0001",
+                                                     "weight_decay: 1e-4")
+    assert "weight_decay: 1e-4" in text
+    history = "step\tacc\ttimestamp\n1\t99.0\t0\n2\t99.5\t0\n"
+    files = {"params.yaml": text.replace("seed: 1\n", "seed: 3\n"), seeds.TEST_ACC: history}
+    monkeypatch.setattr(seeds, "experiment_rev", lambda name: "abcdef0123")
+    monkeypatch.setattr(seeds, "read_at", lambda rev, path: files[path])
+    results, params = seeds.read_results([3])
+    assert results == {3: {"final": 99.5, "best": 99.5, "best_epoch": 2, "epochs": 2}}
+    assert params["train"]["weight_decay"] == 0.0001
+    doc = summarise(results, params)
+    assert doc["params"]["train.weight_decay"] == 0.0001
+
+    from tools.docs import params_drift
+    from stages.params import read_yaml
+    assert params_drift(doc["params"], read_yaml(REPO / "params.yaml")) == []

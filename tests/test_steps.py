@@ -55,25 +55,39 @@ def test_a_step_missing_a_field_fails(tmp_path):
         load_steps(path, PARAMS)
 
 
-def status(*rows: tuple[str, str], active: int) -> str:
+def status(*rows: tuple[str, str, str], active: int) -> str:
+    """`dvc queue status` as DVC prints it, for ROWS of (task id, name, status)."""
     lines = ["Task     Name    Created    Status"]
-    lines += [f"abc1234  {name}  11:33 PM   {state}" for name, state in rows]
+    lines += [f"{task}  {name}  11:33 PM   {state}" for task, name, state in rows]
     return "\n".join(lines + ["", f"Worker status: {active} active, 0 idle"])
 
 
 def test_wait_for_queue_restarts_workers_that_stopped_early_and_reports_failures():
     """DVC's workers can all exit with tasks still queued; the wait starts them again."""
     sequence = iter([
-        status(("step-1", "Running"), ("step-2", "Queued"), active=1),
-        status(("step-1", "Success"), ("step-2", "Queued"), active=0),  # workers gone
-        status(("step-1", "Success"), ("step-2", "Running"), active=1),
-        status(("step-1", "Success"), ("step-2", "Failed"), active=0),
+        status(("aaaaaaa", "step-1", "Running"), ("bbbbbbb", "step-2", "Queued"), active=1),
+        status(("aaaaaaa", "step-1", "Success"), ("bbbbbbb", "step-2", "Queued"), active=0),
+        status(("aaaaaaa", "step-1", "Success"), ("bbbbbbb", "step-2", "Running"), active=1),
+        status(("aaaaaaa", "step-1", "Success"), ("bbbbbbb", "step-2", "Failed"), active=0),
     ])
     starts = []
     with pytest.raises(StageError, match="experiments step-2 failed"):
-        wait_for_queue(["step-1", "step-2"], lambda: starts.append(1),
+        wait_for_queue({"aaaaaaa": "step-1", "bbbbbbb": "step-2"}, lambda: starts.append(1),
                        status=lambda: next(sequence), poll_s=0)
     assert starts == [1]
+
+
+def test_wait_for_queue_judges_only_its_own_tasks():
+    """An earlier failed run of the same name and someone else's running or queued
+    experiment neither fail this wait nor hold it up nor restart the workers."""
+    old = [("0000000", "seed-3", "Failed"), ("1111111", "theirs", "Running"),
+           ("2222222", "later", "Queued")]
+    sequence = iter([status(*old, ("ccccccc", "seed-3", "Running"), active=1),
+                     status(*old, ("ccccccc", "seed-3", "Success"), active=0)])
+    starts = []
+    wait_for_queue({"ccccccc": "seed-3"}, lambda: starts.append(1),
+                   status=lambda: next(sequence), poll_s=0)
+    assert starts == []
 
 
 # --- the step commits, made by a real `dvc repro` in a small repository ---------
@@ -130,14 +144,15 @@ def test_commit_makes_one_commit_per_step_from_a_real_run(step_repo):
 
     assert git("log", "--format=%s").splitlines()[:2] == ["step-2: Second", "step-1: First"]
     assert git("status", "--porcelain", "--untracked-files=no") == ""
-    first = yaml.safe_load(git("show", git("rev-parse", ":/^step-1:").strip() + ":params.yaml"))
+    first = git("rev-parse", "HEAD^{/^step-1:}").strip()
+    first = yaml.safe_load(git("show", f"{first}:params.yaml"))
     assert (first["train"]["lr"], first["train"]["dropout"]) == (0.01, 0.1)
     # step 2's overrides apply to the recipe, not on top of step 1's
     last = yaml.safe_load((step_repo / "params.yaml").read_text())
     assert last["train"]["lr"] == 0.05 and last["train"]["dropout"] == recipe["train"]["dropout"]
-    diff = json.loads(subprocess.run(["dvc", "metrics", "diff", ":/^step-1:", ":/^step-2:",
-                                      "--json"], capture_output=True, text=True,
-                                     check=True).stdout)
+    diff = json.loads(subprocess.run(["dvc", "metrics", "diff", "HEAD^{/^step-1:}",
+                                      "HEAD^{/^step-2:}", "--json"],
+                                     capture_output=True, text=True, check=True).stdout)
     change = diff["metrics/eval.json"]["accuracy"]
     assert change["old"] == pytest.approx(91.0) and change["new"] == pytest.approx(95.0)
 
@@ -148,3 +163,23 @@ def test_commit_refuses_a_dirty_tree(step_repo):
     (step_repo / "score.py").write_text(SCORE + "\n# edited\n")
     with pytest.raises(StageError, match="uncommitted changes"):
         commit_steps(load_steps(step_repo / "steps.yaml", step_repo / "params.yaml"), jobs=1)
+
+
+@pytest.mark.slow
+def test_a_failed_run_on_the_queue_does_not_fail_a_later_one(step_repo):
+    """A real queue: a run that fails, then the same name queued again with params that
+    work. The old Failed row stays in `dvc queue status`; the second run succeeds."""
+    import subprocess
+
+    from experiments.queue import queue_status, queue_tasks, run_queued
+
+    # a queued run starts from the commit, which has no metrics/ folder
+    (step_repo / "score.py").write_text("import os\nos.makedirs('metrics', exist_ok=True)\n"
+                                        + SCORE + "if p['lr'] > 1:\n    raise SystemExit(1)\n")
+    subprocess.run(["git", "commit", "-qam", "score fails for lr > 1"], check=True)
+    with pytest.raises(StageError, match="experiments seed-3 failed"):
+        run_queued({"seed-3": ["-S", "train.lr=2"]}, jobs=1, poll_s=1)
+    run_queued({"seed-3": ["-S", "train.lr=0.5"]}, jobs=1, poll_s=1)
+    states = sorted(state for name, state in queue_tasks(queue_status()).values()
+                    if name == "seed-3")
+    assert states == ["Failed", "Success"]

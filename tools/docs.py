@@ -6,15 +6,15 @@
 A generated block sits between two HTML comments, `generated: NAME` and `end: NAME`
 (see BLOCK), and GENERATORS[NAME](root) writes what goes between them. Most read the
 working tree's metrics; `steps` and `step_notes` read each step of
-experiments/steps.yaml from its commit, the youngest whose message starts with
-`step-N:` (`git rev-parse ':/^step-N:'`), as `python -m experiments.steps commit` makes
-them. Run from the repository root.
+experiments/steps.yaml from its commit: the youngest in HEAD's history whose message
+starts with `step-N:` (`git rev-parse 'HEAD^{/^step-N:}'`), as `python -m
+experiments.steps commit` makes them. Other branches and fetched refs do not count. Run
+from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import json
 import re
@@ -26,8 +26,9 @@ from typing import Callable
 
 from experiments.seeds import SEEDS_JSON
 from experiments.seeds import table as seeds_table
-from experiments.steps import PARAMS_FILE, load_steps
+from experiments.steps import PARAMS_FILE, load_steps, step_rev
 from stages.common import StageError, read_json, run_cli, write_text
+from stages.history import metric_path, read_metric
 from stages.params import read_yaml
 
 BLOCK = re.compile(r"<!-- generated: (?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- end: (?P=name) -->",
@@ -35,7 +36,7 @@ BLOCK = re.compile(r"<!-- generated: (?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- end
 OPENING = re.compile(r"<!-- generated: ([\w-]+) -->")
 EVAL_JSON = Path("metrics/eval.json")
 TRAIN_JSON = Path("metrics/train/metrics.json")
-HISTORY = Path("metrics/train/plots/metrics")  # DVCLive's per-epoch TSVs
+LIVE_DIR = Path("metrics/train")  # the train stage's DVCLive folder
 BENCHMARK_JSON = Path("benchmarks/results-cpu.json")
 STEPS_YAML = Path("experiments/steps.yaml")
 NO_GPU = ("No GPU measurements yet: run `make gpu-check` on a machine with a CUDA GPU "
@@ -52,9 +53,7 @@ def markdown_files(root: Path) -> list[Path]:
 
 def best_epoch(training: dict) -> int:
     """The epoch of the best test accuracy in a train stage's metrics.json."""
-    best = training["best"]
-    # test_epoch is the key; stages/train.py as of 565a27c writes it as `score`
-    return best["test_epoch"] if "test_epoch" in best else best["score"]
+    return training["best"]["test_epoch"]
 
 
 def result_markdown(evaluation: dict, training: dict) -> str:
@@ -74,17 +73,6 @@ def result_block(root: Path) -> str:
                            read_json(root / TRAIN_JSON, "training metrics"))
 
 
-def read_history(path: Path) -> dict[int, float]:
-    """A DVCLive TSV (step, value) as {epoch: value}."""
-    try:
-        with path.open(newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t"))
-    except FileNotFoundError:
-        raise StageError(f"{path}: per-epoch history not found; run the train stage "
-                         "(dvc repro)") from None
-    return {int(step): float(value) for step, value in rows[1:]}
-
-
 def epochs_markdown(test_acc: dict[int, float], train_acc: dict[int, float]) -> str:
     """Test and train accuracy per epoch, one column per epoch."""
     epochs = sorted(test_acc)
@@ -98,8 +86,9 @@ def epochs_markdown(test_acc: dict[int, float], train_acc: dict[int, float]) -> 
 
 
 def epochs_block(root: Path) -> str:
-    return epochs_markdown(read_history(root / HISTORY / "test/acc.tsv"),
-                           read_history(root / HISTORY / "train/acc.tsv"))
+    test_acc, train_acc = (read_metric(metric_path(root / LIVE_DIR, split, "acc"), "acc")
+                           for split in ("test", "train"))
+    return epochs_markdown(test_acc.to_dict(), train_acc.to_dict())
 
 
 # --- the steps: each read from its commit ----------------------------------------
@@ -119,13 +108,27 @@ def git_text(root: Path, *args: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+def is_shallow(root: Path) -> bool:
+    """Whether ROOT is a shallow clone (`git clone --depth N`), which lacks history."""
+    return (git_text(root, "rev-parse", "--is-shallow-repository") or "").strip() == "true"
+
+
+def step_commit(name: str, root: Path) -> str:
+    """The commit of step NAME: the youngest in HEAD's history named `NAME: ...`."""
+    commit = git_text(root, "rev-parse", "--verify", "--quiet", step_rev(name))
+    if commit is not None:
+        return commit.strip()
+    if is_shallow(root):
+        raise StageError(f"{name}: this shallow clone lacks the step commits; fetch them with "
+                         "`git fetch --unshallow`")
+    raise StageError(f"{name} has no commit in HEAD's history (none whose message starts with "
+                     f"'{name}:'); make the step commits with `python -m experiments.steps "
+                     "commit`")
+
+
 def step_run(name: str, root: Path) -> StepRun:
-    """The metrics of step NAME, read from the youngest commit named `NAME: ...`."""
-    commit = git_text(root, "rev-parse", "--verify", "--quiet", f":/^{name}:")
-    if commit is None:
-        raise StageError(f"{name} has no commit (none whose message starts with '{name}:'); "
-                         "make the step commits with `python -m experiments.steps commit`")
-    commit = commit.strip()
+    """The metrics of step NAME, read from its commit (step_commit)."""
+    commit = step_commit(name, root)
     files = {}
     for key, path in (("evaluation", EVAL_JSON), ("training", TRAIN_JSON)):
         text = git_text(root, "show", f"{commit}:{path.as_posix()}")
@@ -315,6 +318,17 @@ def gpu_block(root: Path) -> str:
     return gpu_check.gpu_table(read_json(path, "GPU check results"))
 
 
+# the blocks read from the step commits, which a shallow clone lacks
+HISTORY_BLOCKS = {"steps", "step_notes"}
+def gpu_summary_block(root: Path) -> str:
+    """One line for README: benchmarks.gpu_check.gpu_summary of its RESULTS file."""
+    gpu_check = importlib.import_module("benchmarks.gpu_check")
+    path = root / gpu_check.RESULTS
+    if not path.exists():
+        return NO_GPU
+    return gpu_check.gpu_summary(read_json(path, "GPU check results"))
+
+
 GENERATORS: dict[str, Callable[[Path], str]] = {
     "result": result_block,
     "epochs": epochs_block,
@@ -323,6 +337,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "seeds": seeds_block,
     "benchmark": benchmark_block,
     "gpu": gpu_block,
+    "gpu_summary": gpu_summary_block,
 }
 
 
@@ -393,9 +408,11 @@ def block_names(text: str, source: str) -> list[str]:
 
 
 def render(text: str, blocks: dict[str, str]) -> str:
-    """TEXT with each generated block's body replaced by BLOCKS[name]."""
+    """TEXT with each generated block's body replaced by BLOCKS[name] (if there)."""
     def body(m: re.Match) -> str:
         name = m["name"]
+        if name not in blocks:
+            return m.group(0)
         return f"<!-- generated: {name} -->\n\n{blocks[name].strip()}\n\n<!-- end: {name} -->"
     return BLOCK.sub(body, text)
 
@@ -406,8 +423,9 @@ def stale_blocks(text: str, blocks: dict[str, str]) -> list[str]:
     return [m["name"] for m in BLOCK.finditer(text) if m.group(0) != fresh[m["name"]]]
 
 
-def refresh(root: Path, check: bool) -> list[str]:
-    """Rewrite (or, with CHECK, only compare) every generated block under ROOT.
+def refresh(root: Path, check: bool, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Rewrite (or, with CHECK, only compare) every generated block under ROOT but those
+    named in SKIP.
 
     Returns one line per stale block (check) or per rewritten file (otherwise).
     """
@@ -415,10 +433,11 @@ def refresh(root: Path, check: bool) -> list[str]:
         raise StageError(f"{root / 'README.md'}: not found; run from the repository root")
     texts = {path: path.read_text() for path in markdown_files(root)}
     names = {path: block_names(text, str(path.relative_to(root))) for path, text in texts.items()}
-    blocks = {name: GENERATORS[name](root) for name in dict.fromkeys(sum(names.values(), []))}
+    blocks = {name: GENERATORS[name](root) for name in dict.fromkeys(sum(names.values(), []))
+              if name not in skip}
     lines = []
     for path, text in texts.items():
-        stale = stale_blocks(text, blocks)
+        stale = [name for name in stale_blocks(text, blocks) if name not in skip]
         if not stale:
             continue
         where = path.relative_to(root)
