@@ -1,7 +1,8 @@
-"""Fixtures: a folder of small IDX files and a local MNIST mirror.
+"""Fixtures: a folder of small IDX files, a local MNIST mirror, and an SSH server.
 
 Nothing here touches the network: the mirror is a temp folder of small, random
-IDX files, and stages.download.FILES is patched to expect their md5s.
+IDX files, and stages.download.FILES is patched to expect their md5s; the SSH server
+listens on 127.0.0.1 (tests/ssh_server.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import ssh_server
 from helpers import Mirror, idx_bytes, md5, raw_arrays, write_raw_dir
 
 # The tests' tensors are tiny: one thread is faster, and does not fight a training
@@ -43,6 +45,15 @@ def mirror(tmp_path, monkeypatch) -> Mirror:
     return Mirror(folder, content)
 
 
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory) -> ssh_server.SshServer:
+    """One real sshd for the whole session; skips with the reason where none can run."""
+    reason = ssh_server.unavailable()
+    if reason:
+        pytest.skip(reason)
+    server = ssh_server.start(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
 
 
 def pytest_collection_modifyitems(config, items):
