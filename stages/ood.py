@@ -26,9 +26,8 @@ The check belongs to one checkpoint: its file records the checkpoint's md5.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +36,7 @@ from torch import nn
 
 from stages.common import StageError, read_json
 
+N_LOGITS, N_INK = 10, 5  # the last columns of features(): logits, then ink statistics
 INK = 0.2    # a pixel over this level (of 1) is ink, for the ink statistics
 SOLID = 0.6  # and over this one, the solid core of a stroke
 BATCH_SIZE = 1000
@@ -99,6 +99,9 @@ def _exact(values: torch.Tensor) -> list:
     return [float(str(v)) for v in values.numpy().astype(np.float32)]
 
 
+TENSORS = ("centre", "scale", "hidden", "hidden_bias", "out")
+
+
 @dataclass(frozen=True)
 class DigitCheck:
     """The fitted check: features are centred and scaled, then a hidden layer of ReLUs
@@ -125,14 +128,12 @@ class DigitCheck:
     def to_json(self) -> dict:
         return {"model_md5": self.model_md5, "threshold": self.threshold,
                 "out_bias": self.out_bias,
-                **{name: _exact(getattr(self, name))
-                   for name in ("centre", "scale", "hidden", "hidden_bias", "out")}}
+                **{name: _exact(getattr(self, name)) for name in TENSORS}}
 
     @classmethod
     def from_json(cls, doc: dict, source: str) -> DigitCheck:
         try:
-            tensors = {name: torch.tensor(doc[name], dtype=torch.float32)
-                       for name in ("centre", "scale", "hidden", "hidden_bias", "out")}
+            tensors = {name: torch.tensor(doc[name], dtype=torch.float32) for name in TENSORS}
             check = cls(model_md5=str(doc["model_md5"]), out_bias=float(doc["out_bias"]),
                         threshold=float(doc["threshold"]), **tensors)
         except (KeyError, TypeError, ValueError):
@@ -173,8 +174,10 @@ def fit(digits: torch.Tensor, others: torch.Tensor, hidden: int, steps: int, lr:
 
 
 def rounded(check: DigitCheck) -> DigitCheck:
-    """CHECK as its JSON file will give it back (float32, shortest decimals)."""
-    return DigitCheck.from_json(json.loads(json.dumps(check.to_json())), "rounded")
+    """CHECK as its JSON file will give it back: each number the float32 that its
+    shortest decimal reads back as."""
+    return replace(check, **{name: torch.tensor(_exact(getattr(check, name)), dtype=torch.float32)
+                             for name in TENSORS})
 
 
 def load_check(path: Path, model_path: Path) -> DigitCheck:

@@ -315,6 +315,17 @@ def gpu_block(root: Path) -> str:
     return gpu_check.gpu_table(read_json(path, "GPU check results"))
 
 
+def ood_block(root: Path) -> str:
+    """The digit check's measurements: stages.calibrate's table of metrics/ood.json."""
+    from stages.calibrate import METRICS, table
+
+    path = root / METRICS
+    if not path.exists():
+        return (f"No measurements of the digit check yet: run `dvc repro calibrate` (it writes "
+                f"{METRICS}), then `python -m tools.docs`.")
+    return table(read_json(path, "digit check measurements"))
+
+
 GENERATORS: dict[str, Callable[[Path], str]] = {
     "result": result_block,
     "epochs": epochs_block,
@@ -323,6 +334,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "seeds": seeds_block,
     "benchmark": benchmark_block,
     "gpu": gpu_block,
+    "ood": ood_block,
 }
 
 
