@@ -215,30 +215,46 @@ def typed_digits(n: int, seed: int) -> tuple[list[Image.Image], list[int]]:
 # --- MNIST digits drawn with a pen, stroke by stroke -------------------------------
 
 PEN_LEVEL = 128  # a pixel of an MNIST digit brighter than this is traced
-Stroke = tuple[tuple[float, float], tuple[float, float]]
+Stroke = list[tuple[float, float]]  # the points a pen passes through, down all the way
 
 
 def pen_strokes(digit: np.ndarray, level: int = PEN_LEVEL) -> list[Stroke]:
-    """Strokes that trace DIGIT (28×28, white on black) row by row: one for each run of
-    pixels over LEVEL, from the centre of its first pixel to that of its last, as (x, y)
-    in pixels of the digit."""
-    strokes = []
+    """Strokes that trace DIGIT (28×28, white on black) as a hand fills a shape: each run
+    of pixels over LEVEL in a row is gone over from the centre of its first pixel to that
+    of its last, and a run that overlaps one in the row above carries on that stroke,
+    back the other way. Points are (x, y) in pixels of the digit."""
+    strokes: list[Stroke] = []
+    open_runs: list[tuple[int, int, Stroke]] = []  # the last row's runs and their strokes
     for row, values in enumerate(np.asarray(digit) > level):
         edges = np.flatnonzero(np.diff(np.concatenate([[0], values.astype(np.int8), [0]])))
-        for first, end in zip(edges[::2], edges[1::2]):
-            strokes.append(((first + 0.5, row + 0.5), (end - 0.5, row + 0.5)))
+        runs, taken = [], set()
+        for first, end in zip(edges[::2].tolist(), edges[1::2].tolist()):
+            y = row + 0.5
+            above = next((i for i, (a, b, _) in enumerate(open_runs)
+                          if a < end and first < b and i not in taken), None)
+            if above is None:
+                stroke = [(first + 0.5, y), (end - 0.5, y)]
+                strokes.append(stroke)
+            else:
+                taken.add(above)
+                stroke = open_runs[above][2]
+                forward = stroke[-1][0] <= stroke[-2][0]  # the last pass went right to left
+                ends = [(first + 0.5, y), (end - 0.5, y)]
+                stroke += ends if forward else ends[::-1]
+            runs.append((first, end, stroke))
+        open_runs = runs
     return strokes
 
 
 def drawn(strokes: list[Stroke], scale: float, width: float, side: int) -> Image.Image:
     """STROKES drawn in black on a white SIDE×SIDE canvas, SCALE canvas pixels to a digit
-    pixel, with a round pen WIDTH pixels wide (as the page's canvas draws them)."""
+    pixel, with a round pen WIDTH pixels wide, as the page's canvas draws them."""
     image = Image.new("L", (side, side), 255)
     draw = ImageDraw.Draw(image)
     r = width / 2
-    for start, end in strokes:
-        (x0, y0), (x1, y1) = [(x * scale, y * scale) for x, y in (start, end)]
-        draw.line([(x0, y0), (x1, y1)], fill=0, width=round(width))
-        for x, y in ((x0, y0), (x1, y1)):
+    for stroke in strokes:
+        points = [(x * scale, y * scale) for x, y in stroke]
+        draw.line(points, fill=0, width=round(width), joint="curve")
+        for x, y in points:  # round caps and joints
             draw.ellipse((x - r, y - r, x + r, y + r), fill=0)
     return image

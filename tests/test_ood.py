@@ -93,10 +93,12 @@ def test_pen_strokes_trace_the_digit():
     digit = np.zeros((28, 28), np.uint8)
     digit[5, 3:9] = 200
     digit[5, 12] = 255
-    digit[6, 4] = 100  # under the level: not traced
-    assert pen_strokes(digit) == [((3.5, 5.5), (8.5, 5.5)), ((12.5, 5.5), (12.5, 5.5))]
+    digit[6, 4:7] = 180  # under the first run: the same stroke, back the other way
+    digit[7, 20] = 100  # under the level: not traced
+    assert pen_strokes(digit) == [[(3.5, 5.5), (8.5, 5.5), (6.5, 6.5), (4.5, 6.5)],
+                                  [(12.5, 5.5), (12.5, 5.5)]]
     canvas = np.asarray(drawn(pen_strokes(digit), scale=10, width=16, side=280))
-    assert canvas[55, 35] == canvas[55, 85] == canvas[55, 125] == 0  # ink along each stroke
+    assert canvas[55, 35] == canvas[55, 85] == canvas[55, 125] == canvas[65, 45] == 0
     assert canvas[55, 105] == 255 and canvas[120, 60] == 255  # paper between and below
 
 
