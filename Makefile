@@ -19,7 +19,7 @@ DVC_REMOTE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mnist-cnn-dvc/remote
 # already names a template of its own.
 PLOTS_TEMPLATE := .dvc/plots_offline.html
 
-.PHONY: setup repro test steps seeds docs push pull bench gpu-check
+.PHONY: setup repro test steps seeds docs push pull bench gpu-check serve
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,13 @@ pull: setup
 
 bench: setup
 	python -m benchmarks.train_speed
+
+# The page to draw a digit on (docs/use.md), after `make repro` or `dvc pull`.
+# HOST=0.0.0.0 lets other machines reach it: read docs/use.md first.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+serve: setup
+	python -m stages.serve --host $(HOST) --port $(PORT)
 
 # The GPU check (docs/gpu.md). No setup: a lent GPU machine has torch but no network
 # for requirements.txt, so this runs the first python3 on PATH (the venv's, if any).

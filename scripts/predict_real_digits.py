@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from stages.common import StageError, run_cli
 from stages.data import load_split
-from stages.predict import Prediction, classify, load_model, predict_files
+from stages.predict import Prediction, classify, load_predictor, predict_files
 
 
 def save_as_paper(images: torch.Tensor, folder: Path, size: int, quality: int = 90) -> list[Path]:
@@ -37,11 +37,11 @@ def measure(model_path: Path, images: torch.Tensor, labels: torch.Tensor,
             size: int) -> dict[str, float]:
     """Agreement (%) of predictions from SIZE-pixel JPEG files of IMAGES with the model
     on IMAGES themselves, and the accuracy (%) of both against LABELS."""
-    model, mean, std = load_model(model_path)
-    original = classify(model, images, mean, std).argmax(dim=1)
+    predictor = load_predictor(model_path, ood_path=None)  # the digits only
+    original = classify(predictor.model, images, predictor.mean, predictor.std).argmax(dim=1)
     with tempfile.TemporaryDirectory() as tmp:
         save_as_paper(images, Path(tmp), size)
-        results = predict_files([Path(tmp)], model_path)
+        results = predict_files([Path(tmp)], predictor)
     failed = [r for r in results if not isinstance(r, Prediction)]
     if failed:
         raise StageError(f"{len(failed)} files were not predicted; first: {failed[0]}")

@@ -111,10 +111,31 @@ class RuntimeParams:
 
 
 @dataclass(frozen=True)
+class CalibrateParams:
+    """The digit check (stages/calibrate.py): what it is fitted on, and how."""
+
+    false_flags: float = _rule(lambda v: 0 < v < 0.5, "a number in (0, 0.5): the share of "
+                               "held-out MNIST training digits flagged")
+    fitted: int = _rule(_positive, "an integer >= 1 (training digits fitted)")
+    held_out: int = _rule(_positive, "an integer >= 1 (other training digits, which set the "
+                          "threshold)")
+    typed: int = _rule(_positive, "an integer >= 1 (typed digits fitted, and measured)")
+    per_kind: int = _rule(_positive, "an integer >= 1 (non-digits of each kind fitted, and "
+                          "measured)")
+    drawn: int = _rule(_positive, "an integer >= 1 (test digits drawn with a pen, measured)")
+    hidden: int = _rule(_positive, "an integer >= 1")
+    steps: int = _rule(_positive, "an integer >= 1")
+    lr: float = _rule(_positive, "a number > 0")
+    weight_decay: float = _rule(lambda v: v >= 0, "a number >= 0")
+    seed: int = _rule(lambda v: v >= 0, "an integer >= 0")
+
+
+@dataclass(frozen=True)
 class Params:
     train: TrainParams
     evaluate: EvaluateParams
     runtime: RuntimeParams
+    calibrate: CalibrateParams
 
 
 def _type_ok(value, typ) -> bool:

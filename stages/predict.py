@@ -1,31 +1,38 @@
 """Predict: the digit in each image file, with the trained model.
 
-Reads:  MODEL (models/model.pt) and image files, or folders of them (any format Pillow
-        opens, any size and mode).
-Writes: one line per file to stdout: the digit, its probability and the runner-up
-        (with --json, one JSON object per line); one line per bad file, and exit 1.
+Reads:  MODEL (models/model.pt), its digit check (models/ood.json, from the calibrate
+        stage) and image files, or folders of them (any format Pillow opens, any
+        size and mode, up to MAX_PIXELS).
+Writes: one line per file to stdout: the digit, its probability and the runner-up,
+        and a warning where the image does not look like a digit (with --json, one
+        JSON object per line); one line per bad file, and exit 1.
 Params: none (the normalisation statistics come from the checkpoint).
 
-Each image is made into a digit as MNIST's were: grey levels, inverted if the
-background is light, cropped to the ink, the longer side scaled to 20 pixels, and
-placed in a 28×28 frame with its centre of mass at the centre.
+Each image is turned upright as its EXIF orientation says, reduced in Pillow to at
+most WORK_SIDE pixels a side, and made into a digit as MNIST's were: grey levels,
+inverted if the background is light, cropped to the ink, the longer side scaled to 20
+pixels, and placed in a 28×28 frame with its centre of mass at the centre. The server
+(stages/serve.py) reads images through the same functions.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stages.common import StageError, load_torch, run_cli
 from stages.data import to_device
 from stages.model import from_checkpoint, predict
+from stages.ood import DigitCheck, load_check
 
 SIDE = 28          # the frame
 BOX = 20           # the longer side of the digit in the frame
@@ -33,6 +40,9 @@ CENTRE = 14        # where MNIST's centre of mass lies (row and column index), o
 MIN_CONTRAST = 32  # grey levels between background and the darkest ink; less is blank
 CROP_LEVEL = 26    # after stretching the ink to 0–255, lighter traces are noise (10 %)
 BATCH_SIZE = 256
+OOD_JSON = "models/ood.json"  # the digit check, written by the calibrate stage
+MAX_PIXELS = 50_000_000  # the largest image read: a 48-megapixel photo fits, 8000×6000
+WORK_SIDE = 1024   # images are reduced to this many pixels a side before any arithmetic
 
 
 @dataclass
@@ -42,6 +52,7 @@ class Prediction:
     probability: float
     runner_up: int
     runner_up_probability: float
+    looks_like_digit: bool | None  # None: no digit check (--ood none)
 
 
 @dataclass
@@ -75,17 +86,39 @@ def expand_paths(paths: list[Path]) -> list[Path | Failure]:
     return items
 
 
+def reduced(image: Image.Image) -> Image.Image:
+    """IMAGE averaged over square boxes (in Pillow) until its longer side is at most
+    WORK_SIDE pixels; small images as they are."""
+    factor = -(-max(image.size) // WORK_SIDE)
+    if factor <= 1:
+        return image
+    size = (-(-image.width // factor), -(-image.height // factor))
+    return image.resize(size, Image.Resampling.BOX)
+
+
 def grey_levels(image: Image.Image) -> np.ndarray:
-    """The image's first frame as grey levels 0–255 (float): transparency laid over
-    white, 16-bit and floating-point images scaled to that range."""
+    """The image's first frame, upright as its EXIF orientation says, reduced to at most
+    WORK_SIDE pixels a side, as grey levels 0–255 (float): transparency laid over white,
+    16-bit and floating-point images scaled to that range.
+
+    Everything before the last line happens in Pillow, on the image's own bytes: a
+    large image never becomes a large float array. A JPEG is decoded straight to grey
+    at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that keeps WORK_SIDE pixels.
+    """
+    image.draft("L", (WORK_SIDE, WORK_SIDE))  # JPEG only; other formats ignore it
+    ImageOps.exif_transpose(image, in_place=True)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        grey = np.asarray(image, dtype=np.float64)
-        top = grey.max()
+        top = image.getextrema()[1]
         scale = 255 / 65535 if top > 255 else 255.0 if image.mode == "F" and top <= 1 else 1.0
+        grey = np.asarray(reduced(image).convert("F"), dtype=np.float64)
         return np.clip(grey * scale, 0, 255)
     if image.has_transparency_data:
-        white = Image.new("RGBA", image.size, "white")
-        image = Image.alpha_composite(white, image.convert("RGBA"))
+        image = reduced(image.convert("RGBA"))
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+    elif image.mode in ("1", "P"):  # Pillow resizes these by nearest neighbour
+        image = reduced(image.convert("L"))
+    else:
+        image = reduced(image)
     return np.asarray(image.convert("L"), dtype=np.float64)
 
 
@@ -113,16 +146,30 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     return np.array(frame)  # a writable copy
 
 
-def read_digit(path: Path) -> np.ndarray:
-    """The 28×28 digit in the image file PATH; StageError says why it cannot be read."""
+def too_large(pixels: str) -> StageError:
+    return StageError(f"image too large: {pixels}, over the limit of {MAX_PIXELS:,} pixels; "
+                      "scale it down")
+
+
+def read_digit(source: Path | bytes) -> np.ndarray:
+    """The 28×28 digit in an image file: SOURCE is its path or its bytes. StageError
+    says why it cannot be read."""
     try:
-        if path.stat().st_size == 0:
+        if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
             raise StageError("empty file")
-        with Image.open(path) as image:
-            grey = grey_levels(image)
+        with warnings.catch_warnings():
+            # Pillow warns from 89 million pixels; MAX_PIXELS refuses fewer than that
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise too_large(f"{width}×{height} = {width * height:,} pixels")
+                grey = grey_levels(image)
     except UnidentifiedImageError:
         raise StageError("not an image Pillow can read") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:
+        raise too_large(f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated or damaged
         raise StageError(f"unreadable image ({err})") from None
     return to_mnist(grey)
 
@@ -139,17 +186,54 @@ def load_model(path: Path) -> tuple[torch.nn.Module, float, float]:
     return model, mean, std
 
 
+@dataclass(frozen=True)
+class Predictor:
+    """A checkpoint loaded once, and the digit check fitted for it (None: no check)."""
+
+    model: torch.nn.Module
+    mean: float
+    std: float
+    check: DigitCheck | None
+
+
+def load_predictor(model_path: Path, ood_path: Path | None) -> Predictor:
+    """The checkpoint MODEL_PATH and the digit check in OOD_PATH (None: without one)."""
+    model, mean, std = load_model(model_path)
+    check = None if ood_path is None else load_check(ood_path, model_path)
+    return Predictor(model, mean, std, check)
+
+
+def normalise(digits: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 DIGITS (N, 28, 28) as the model's input (N, 1, 28, 28), as in training."""
+    return to_device(digits, None, mean, std, torch.device("cpu")).x
+
+
 def classify(model: torch.nn.Module, digits: torch.Tensor, mean: float,
              std: float) -> torch.Tensor:
     """Probabilities (N, 10) for uint8 DIGITS (N, 28, 28), normalised as in training."""
-    labels = torch.zeros(len(digits), dtype=torch.int64)  # to_device wants some
-    x = to_device(digits, labels, mean, std, torch.device("cpu")).x
-    return predict(model, x, BATCH_SIZE).exp()
+    return predict(model, normalise(digits, mean, std), BATCH_SIZE).exp()
 
 
-def predict_files(paths: list[Path], model_path: Path) -> list[Prediction | Failure]:
+def predict_digits(predictor: Predictor,
+                   digits: torch.Tensor) -> tuple[torch.Tensor, list[bool | None]]:
+    """Probabilities (N, 10) for uint8 DIGITS (N, 28, 28), and whether each looks like a
+    digit the model knows (None for each where the predictor has no check)."""
+    probabilities = classify(predictor.model, digits, predictor.mean, predictor.std)
+    if predictor.check is None:
+        return probabilities, [None] * len(digits)
+    x = normalise(digits, predictor.mean, predictor.std)
+    return probabilities, predictor.check.looks_like_digit(predictor.model, x, digits)
+
+
+def prediction(path: str, probabilities: torch.Tensor, looks_like_digit: bool | None) -> Prediction:
+    """The Prediction for one image's PROBABILITIES (10,): the digit and the runner-up."""
+    top = probabilities.topk(2)
+    (p, p2), (d, d2) = top.values.tolist(), top.indices.tolist()
+    return Prediction(path, d, round(p, 6), d2, round(p2, 6), looks_like_digit)
+
+
+def predict_files(paths: list[Path], predictor: Predictor) -> list[Prediction | Failure]:
     """A Prediction or a Failure for each file in PATHS (folders expanded), in order."""
-    model, mean, std = load_model(model_path)
     results = expand_paths(paths)
     digits, readable = [], []  # readable: indices into RESULTS
     for i, path in enumerate(results):
@@ -161,10 +245,13 @@ def predict_files(paths: list[Path], model_path: Path) -> list[Prediction | Fail
         except StageError as err:
             results[i] = Failure(str(path), str(err))
     if digits:
-        top = classify(model, torch.stack(digits), mean, std).topk(2, dim=1)
-        for i, p, d in zip(readable, top.values.tolist(), top.indices.tolist()):
-            results[i] = Prediction(str(results[i]), d[0], round(p[0], 6), d[1], round(p[1], 6))
+        probabilities, looks = predict_digits(predictor, torch.stack(digits))
+        for i, p, looks_like_digit in zip(readable, probabilities, looks):
+            results[i] = prediction(str(results[i]), p, looks_like_digit)
     return results
+
+
+NOT_A_DIGIT = "does not look like a digit the model knows"
 
 
 def format_result(result: Prediction | Failure, as_json: bool) -> str:
@@ -172,18 +259,32 @@ def format_result(result: Prediction | Failure, as_json: bool) -> str:
         return json.dumps(asdict(result))
     if isinstance(result, Failure):
         return f"error: {result.path}: {result.error}"
-    return (f"{result.path}: {result.digit} (p={result.probability:.4f}), "
+    line = (f"{result.path}: {result.digit} (p={result.probability:.4f}), "
             f"runner-up {result.runner_up} (p={result.runner_up_probability:.4f})")
+    return line if result.looks_like_digit is not False else f"{line}; {NOT_A_DIGIT}"
+
+
+def ood_path(value: str) -> Path | None:
+    """--ood's value: a path, or `none` for no digit check."""
+    return None if value == "none" else Path(value)
+
+
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --ood, which predict and serve share."""
+    parser.add_argument("--model", type=Path, default=Path("models/model.pt"))
+    parser.add_argument("--ood", type=ood_path, default=Path(OOD_JSON), metavar="PATH",
+                        help=f"the digit check fitted for MODEL (default {OOD_JSON}); "
+                             "`none`: predict without it")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", type=Path, nargs="+", metavar="PATH",
                         help="image files, or folders of them")
-    parser.add_argument("--model", type=Path, default=Path("models/model.pt"))
+    model_arguments(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args()
-    results = predict_files(args.paths, args.model)
+    results = predict_files(args.paths, load_predictor(args.model, args.ood))
     for result in results:
         to_stderr = isinstance(result, Failure) and not args.json
         print(format_result(result, args.json), file=sys.stderr if to_stderr else sys.stdout)

@@ -64,3 +64,76 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# --- real MNIST digits and a briefly trained model, for predict, the digit check and
+# the page. Only where the MNIST files are at hand; the tests that need them skip.
+
+@pytest.fixture(scope="session")
+def mnist(tmp_path_factory) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The MNIST train and test splits (uint8 images, int64 labels), read by preprocess's
+    own reader from the local mirror."""
+    from helpers import mnist_mirror
+    from stages.download import gunzip_md5
+    from stages.preprocess import SPLITS, read_split
+
+    mirror = mnist_mirror()
+    if mirror is None:
+        pytest.skip("needs the MNIST files: set MNIST_MIRROR to a folder of the four .gz "
+                    "files (CI has them in ../shared/data/mnist)")
+    raw = tmp_path_factory.mktemp("mnist")
+    for gz in mirror.glob("*-ubyte.gz"):
+        gunzip_md5(gz, raw / gz.name.removesuffix(".gz"))
+    return {split: read_split(raw, prefix) for split, prefix in SPLITS.items()}
+
+
+@pytest.fixture(scope="session")
+def mnist_model(mnist, tmp_path_factory) -> Path:
+    """A checkpoint of the real Net, trained by train's own functions with params.yaml's
+    recipe for 2 epochs on 12,000 training digits (about 98 % on the test split)."""
+    import dataclasses
+
+    from stages.data import to_device
+    from stages.model import checkpoint
+    from stages.params import load_params
+    from stages.preprocess import normalisation_stats
+    from stages.train import EagerRunner, new_state
+
+    from helpers import REPO
+
+    images, labels = mnist["train"][0][:12000], mnist["train"][1][:12000]
+    stats = normalisation_stats(images)
+    p = dataclasses.replace(load_params(REPO / "params.yaml").train, epochs=2, device="cpu",
+                            compile="off", channels_last="off")
+    state = new_state(p, torch.device("cpu"), len(labels))
+    data = to_device(images, labels, stats["mean"], stats["std"], torch.device("cpu"))
+    for _ in range(p.epochs):
+        EagerRunner().train_epoch(state, data, p)
+    path = tmp_path_factory.mktemp("mnist_model") / "model.pt"
+    from stages.common import save_torch
+
+    save_torch(path, checkpoint(state.model, {"dropout": p.dropout}, normalisation=stats))
+    return path
+
+
+# params for a quick digit check: small counts, few steps
+QUICK_CHECK = dict(false_flags=0.005, fitted=4000, held_out=2000, typed=400, per_kind=80,
+                   drawn=100, hidden=32, steps=400, lr=0.003, weight_decay=0.0001, seed=1)
+
+
+@pytest.fixture(scope="session")
+def mnist_check(mnist, mnist_model, tmp_path_factory):
+    """The digit check for mnist_model, fitted by calibrate's own functions with
+    QUICK_CHECK; (its file, the Calibration)."""
+    from stages.calibrate import Reader, calibrate
+    from stages.common import write_json
+    from stages.ood import file_md5
+    from stages.params import CalibrateParams
+    from stages.predict import load_model
+
+    reader = Reader(*load_model(mnist_model))
+    calibration = calibrate(reader, mnist["train"], CalibrateParams(**QUICK_CHECK),
+                            file_md5(mnist_model))
+    path = tmp_path_factory.mktemp("mnist_check") / "ood.json"
+    write_json(path, calibration.check.to_json())
+    return path, calibration

@@ -122,3 +122,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, starts_with: str = 
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(starts_with), proc.stderr
     return lines[0]
+
+
+def mnist_mirror() -> Path | None:
+    """The folder of the four original MNIST .gz files: $MNIST_MIRROR if it is a folder,
+    else ../shared/data/mnist beside the checkout (as CI lays it out); None if neither."""
+    for folder in (os.environ.get("MNIST_MIRROR"), REPO.parent / "shared/data/mnist"):
+        if folder and Path(folder).is_dir() and any(Path(folder).glob("*-idx3-ubyte.gz")):
+            return Path(folder)
+    return None

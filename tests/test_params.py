@@ -31,7 +31,7 @@ def raw() -> dict:
 def test_repo_params_load(raw):
     params = load_params(PARAMS_YAML)
     assert isinstance(params, Params)
-    for section in ("train", "evaluate", "runtime"):
+    for section in ("train", "evaluate", "runtime", "calibrate"):
         assert set(raw[section]) == {f.name for f in dataclasses.fields(getattr(params, section))}
         for key, value in raw[section].items():
             assert getattr(getattr(params, section), key) == value, f"{section}.{key}"
@@ -190,7 +190,7 @@ def test_bad_structure(raw, change, message):
 @pytest.mark.parametrize("value", [None, [], "train: {}", 3])
 def test_file_not_a_mapping(value):
     with pytest.raises(StageError, match=r"^params\.yaml: the file must be a mapping with the "
-                                         r"sections train, evaluate, runtime$"):
+                                         r"sections train, evaluate, runtime, calibrate$"):
         parse_params(value)
 
 
@@ -224,7 +224,7 @@ def test_fingerprint_ignores_resume_but_not_lr():
 # --- a stage fails on bad params before doing any work ---------------------------
 
 def test_train_command_rejects_a_bad_lr(tmp_path):
-    text, n = re.subn(r"(?m)^(  lr:).*$", r"\1 -1", PARAMS_YAML.read_text())
+    text, n = re.subn(r"(?m)^(  lr:).*$", r"\1 -1", PARAMS_YAML.read_text(), count=1)  # train.lr
     assert n == 1
     (tmp_path / "params.yaml").write_text(text)
     proc = run_stage("stages.train", "--data", "x", "--models", "y", "--live", "z", cwd=tmp_path)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from helpers import run_stage
+from helpers import REPO, run_stage
 from stages.common import StageError, run_cli, save_torch
 from stages.data import to_device
 from stages.model import Net, checkpoint
-from stages.predict import (Failure, Prediction, classify, grey_levels, load_model, main,
-                            predict_files, read_digit, to_mnist)
+from stages.predict import (Failure, Prediction, classify, grey_levels, load_model,
+                            load_predictor, main, predict_files, read_digit, to_mnist)
 
 font = functools.cache(ImageFont.load_default)
 
@@ -86,7 +88,7 @@ def test_large_png_and_jpeg_files_agree_with_the_28x28_digits(model_path, tmp_pa
             paper.save(tmp_path / f"{i:03d}.png")
         else:
             paper.convert("RGB").save(tmp_path / f"{i:03d}.jpg", quality=85)
-    results = predict_files([tmp_path], model_path)
+    results = predict_files([tmp_path], load_predictor(model_path, None))
     assert [r.path for r in results] == sorted(str(p) for p in tmp_path.iterdir())
     assert all(isinstance(r, Prediction) for r in results)
     from_files = torch.tensor([r.digit for r in results])
@@ -176,7 +178,7 @@ def test_mixed_folder_predicts_the_good_and_names_each_bad_file(model_path, tmp_
     missing, no_images = tmp_path / "missing.png", tmp_path / "no_images"
     no_images.mkdir()
     proc = run_stage("stages.predict", str(folder), str(missing), str(no_images),
-                     "--model", str(model_path), cwd=tmp_path)
+                     "--model", str(model_path), "--ood", "none", cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = proc.stderr.splitlines()
@@ -199,7 +201,8 @@ def run_main(argv: list[str], monkeypatch) -> int:
 
 def test_json_has_one_object_per_file(model_path, tmp_path, monkeypatch, capsys):
     folder, good, bad = mixed_folder(tmp_path)
-    assert run_main(["--json", str(folder), "--model", str(model_path)], monkeypatch) == 1
+    assert run_main(["--json", str(folder), "--model", str(model_path), "--ood", "none"],
+                    monkeypatch) == 1
     out, err = capsys.readouterr()
     assert err == ""
     records = {r["path"]: r for r in map(json.loads, out.splitlines())}
@@ -208,6 +211,7 @@ def test_json_has_one_object_per_file(model_path, tmp_path, monkeypatch, capsys)
         r = records[str(path)]
         assert r["digit"] in range(10) and r["runner_up"] in range(10)
         assert 0 <= r["runner_up_probability"] <= r["probability"] <= 1
+        assert r["looks_like_digit"] is None  # --ood none
     assert "not an image" in records[str(bad[0])]["error"]
     assert records[str(bad[1])]["error"] == "empty file"
     assert "no ink" in records[str(bad[2])]["error"]
@@ -215,14 +219,16 @@ def test_json_has_one_object_per_file(model_path, tmp_path, monkeypatch, capsys)
 
 def test_all_good_exits_zero(model_path, tmp_path, monkeypatch, capsys):
     folder, good, _ = mixed_folder(tmp_path)
-    assert run_main([*map(str, good), "--model", str(model_path)], monkeypatch) == 0
+    assert run_main([*map(str, good), "--model", str(model_path), "--ood", "none"],
+                    monkeypatch) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == len(good) and err == ""
 
 
 def test_results_keep_the_order_of_the_arguments(model_path, tmp_path):
     folder, good, bad = mixed_folder(tmp_path)
-    results = predict_files([good[2], tmp_path / "gone", bad[1], good[0]], model_path)
+    results = predict_files([good[2], tmp_path / "gone", bad[1], good[0]],
+                            load_predictor(model_path, None))
     assert [type(r) for r in results] == [Prediction, Failure, Failure, Prediction]
     assert [r.path for r in results] == [str(good[2]), str(tmp_path / "gone"), str(bad[1]),
                                          str(good[0])]
@@ -234,3 +240,93 @@ def test_missing_model_is_one_line_error(tmp_path, monkeypatch, capsys):
     assert run_main([str(tmp_path / "digit.png"), "--model", str(model)], monkeypatch) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {model}: checkpoint not found") and err.count("\n") == 1
+
+
+# --- EXIF orientation, large images, a model loaded once --------------------------
+
+# Each EXIF orientation value (1-8) and how a camera stores an upright image under it:
+# the stored pixels are the upright ones turned or mirrored; the viewer undoes it.
+STORED = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud,
+          5: lambda a: a.T, 6: lambda a: np.rot90(a, 1), 7: lambda a: np.rot90(a, 2).T,
+          8: lambda a: np.rot90(a, -1)}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED))
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_orientation_is_applied_first(tmp_path, orientation, suffix):
+    digit = font_digits(1, seed=6)[0][0].numpy()
+    upright = np.asarray(on_paper(digit, size=(300, 220), offset=(50, 0)))
+    stored = Image.fromarray(np.ascontiguousarray(STORED[orientation](upright)))
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    path = tmp_path / f"photo{suffix}"
+    stored.save(path, exif=exif, **({"quality": 95} if suffix == ".jpg" else {}))
+    expected = to_mnist(upright.astype(float))
+    # as stored, the digit is turned or mirrored: without EXIF, most would differ
+    if orientation != 1:
+        assert float(np.abs(to_mnist(np.asarray(stored, float)).astype(int) - expected).mean()) > 10
+    difference = float(np.abs(read_digit(path).astype(int) - expected).mean())
+    assert difference < 3, f"mean difference {difference:.1f} grey levels from the upright digit"
+
+
+def test_an_image_over_the_pixel_limit_is_refused_naming_the_limit(tmp_path):
+    from stages.predict import MAX_PIXELS
+
+    side = int(MAX_PIXELS ** 0.5) + 1
+    path = tmp_path / "huge.png"
+    Image.new("1", (side, side), 1).save(path)  # a few kB on disk
+    with pytest.raises(StageError, match=rf"{side}×{side}.*over the limit of {MAX_PIXELS:,} "
+                                         r"pixels"):
+        read_digit(path)
+    # a bomb that Pillow itself refuses gets the same message
+    side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 1
+    Image.new("1", (side, side), 1).save(path)
+    with pytest.raises(StageError, match=rf"over the limit of {MAX_PIXELS:,} pixels"):
+        read_digit(path)
+
+
+PEAK_MEMORY = """
+import sys
+from pathlib import Path
+from stages.predict import read_digit
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # Linux: the peak (VmHWM) starts again from the current size
+before = status("VmRSS")
+digit = read_digit(Path(sys.argv[1]))
+print((status("VmHWM") - before) // 1024, int(digit.astype(bool).sum()))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
+                    reason="measures the peak memory through Linux's /proc")
+def test_a_large_image_is_read_in_little_memory(tmp_path):
+    """A 6000×6000 RGB PNG of 130 kB took 1.27 GB through float64 copies."""
+    digit = font_digits(1, seed=7)[0][0].numpy()
+    page = Image.new("RGB", (6000, 6000), "white")
+    ink = Image.fromarray(digit).resize((3000, 3000), Image.Resampling.BICUBIC)
+    ink = ink.point(lambda v: 0 if v > 128 else 255)  # black ink, sharp: it compresses well
+    page.paste(ink.convert("RGB"), (1500, 1000))
+    path = tmp_path / "big.png"
+    page.save(path)
+    proc = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    grown_mb, inked = map(int, proc.stdout.split())
+    assert inked > 50  # it read a digit
+    # the decoded RGB image alone is 108 MB; float64 copies of it were 288 MB each
+    assert grown_mb < 300, f"peak memory grew by {grown_mb} MB"
+
+
+def test_predict_files_takes_a_loaded_model(model_path, tmp_path, monkeypatch):
+    from stages import predict as module
+
+    folder, good, _ = mixed_folder(tmp_path)
+    loaded = module.load_predictor(model_path, ood_path=None)
+    monkeypatch.setattr(module, "load_torch", lambda *a, **k: pytest.fail("reloaded"))
+    first = predict_files(good, loaded)
+    assert predict_files(good, loaded) == first
+    assert [r.digit for r in first] == [r.digit for r in predict_files(good[::-1], loaded)][::-1]

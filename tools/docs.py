@@ -318,8 +318,6 @@ def gpu_block(root: Path) -> str:
     return gpu_check.gpu_table(read_json(path, "GPU check results"))
 
 
-# the blocks read from the step commits, which a shallow clone lacks
-HISTORY_BLOCKS = {"steps", "step_notes"}
 def gpu_summary_block(root: Path) -> str:
     """One line for README: benchmarks.gpu_check.gpu_summary of its RESULTS file."""
     gpu_check = importlib.import_module("benchmarks.gpu_check")
@@ -327,6 +325,21 @@ def gpu_summary_block(root: Path) -> str:
     if not path.exists():
         return NO_GPU
     return gpu_check.gpu_summary(read_json(path, "GPU check results"))
+
+
+def ood_block(root: Path) -> str:
+    """The digit check's measurements: stages.calibrate's table of metrics/ood.json."""
+    from stages.calibrate import METRICS, table
+
+    path = root / METRICS
+    if not path.exists():
+        return (f"No measurements of the digit check yet: run `dvc repro calibrate` (it writes "
+                f"{METRICS}), then `python -m tools.docs`.")
+    return table(read_json(path, "digit check measurements"))
+
+
+# the blocks read from the step commits, which a shallow clone lacks
+HISTORY_BLOCKS = {"steps", "step_notes"}
 
 
 GENERATORS: dict[str, Callable[[Path], str]] = {
@@ -338,6 +351,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "benchmark": benchmark_block,
     "gpu": gpu_block,
     "gpu_summary": gpu_summary_block,
+    "ood": ood_block,
 }
 
 

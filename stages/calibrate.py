@@ -1,0 +1,262 @@
+"""Calibrate: fit the digit check (stages/ood.py) for the trained model, and measure it.
+
+Reads:  MODEL (models/model.pt); DATA/train.pt to fit the check and set its threshold;
+        DATA/test.pt only to measure it; images that stages/synthetic.py makes.
+Writes: OOD (models/ood.json), the check that predict and serve read; METRICS
+        (metrics/ood.json): the share of MNIST test digits, typed and pen-drawn digits,
+        and of each kind of non-digit that it flags, and what three simpler scores
+        flag at the same threshold share.
+Params: calibrate.* (params.yaml), runtime.
+
+The fit uses FITTED MNIST training digits, typed digits and non-digits from `seed`;
+the threshold is the score that a share FALSE_FLAGS of HELD_OUT other training digits
+exceeds. Measuring uses the test split and images from `seed + 1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stages.common import StageError, run_cli, write_json
+from stages.data import load_split
+from stages.ood import N_INK, N_LOGITS, DigitCheck, features, file_md5, fit, rounded
+from stages.params import CalibrateParams, load_params
+from stages.runtime import apply as apply_runtime
+from stages.predict import load_model, normalise, read_digit, to_mnist
+from stages.synthetic import KINDS, drawn, make, pen_strokes, typed_digits
+
+PAGE_SCALE, PAGE_PEN, PAGE_SIDE = 10, 16, 280  # the page's canvas: stages/page/page.js
+METRICS = Path("metrics/ood.json")
+
+
+def as_files(images: list[Image.Image]) -> tuple[torch.Tensor, int]:
+    """IMAGES saved as PNG files and read back as predict reads a file: uint8 digits
+    (N, 28, 28), and how many were refused (blank, or no ink worth the name)."""
+    digits, refused = [], 0
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", compress_level=1)
+        try:
+            digits.append(torch.from_numpy(read_digit(buffer.getvalue())))
+        except StageError:
+            refused += 1
+    return (torch.stack(digits) if digits else torch.zeros(0, 28, 28, dtype=torch.uint8)), refused
+
+
+def framed(images: torch.Tensor) -> torch.Tensor:
+    """MNIST digits (N, 28, 28) framed again as predict frames an image file's digit."""
+    return torch.stack([torch.from_numpy(to_mnist(d.astype(np.float64))) for d in images.numpy()])
+
+
+@dataclass
+class Group:
+    """Images of one kind as the check sees them: features of those that were read, and
+    how many in all."""
+
+    feats: torch.Tensor
+    total: int
+
+    @property
+    def refused(self) -> int:
+        return self.total - len(self.feats)
+
+
+class Reader:
+    """Features of digits for one loaded model."""
+
+    def __init__(self, model: torch.nn.Module, mean: float, std: float):
+        self.model, self.mean, self.std = model, mean, std
+
+    def digits(self, digits: torch.Tensor, total: int | None = None) -> Group:
+        x = normalise(digits, self.mean, self.std)
+        feats = features(self.model, x, digits) if len(digits) else torch.zeros(0, 0)
+        return Group(feats, len(digits) if total is None else total)
+
+    def images(self, images: list[Image.Image]) -> Group:
+        digits, _ = as_files(images)
+        return self.digits(digits, total=len(images))
+
+
+@dataclass
+class Calibration:
+    check: DigitCheck
+    fitted: Group            # the training digits it was fitted on
+    fitted_labels: torch.Tensor
+    held_out: Group          # and those that set its threshold
+
+
+def calibrate(reader: Reader, train: tuple[torch.Tensor, torch.Tensor], p: CalibrateParams,
+              model_md5: str) -> Calibration:
+    """The check, fitted on training digits, typed digits and non-digits from p.seed,
+    with its threshold set on the held-out training digits."""
+    images, labels = train
+    if p.fitted + p.held_out > len(images):
+        raise StageError(f"params.yaml: calibrate.fitted + calibrate.held_out = "
+                         f"{p.fitted + p.held_out:,} is more than the {len(images):,} training "
+                         "digits; lower them")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(p.seed))
+    fit_order, held_order = order[:p.fitted], order[p.fitted:p.fitted + p.held_out]
+    fitted = reader.digits(framed(images[fit_order]))
+    held_out = reader.digits(framed(images[held_order]))
+    typed = reader.images(typed_digits(p.typed, p.seed)[0])
+    others = [reader.images(make(kind, p.per_kind, p.seed)).feats for kind in KINDS]
+    others = torch.cat([feats for feats in others if len(feats)])  # solid fills: all blank
+    check = rounded(fit(torch.cat([fitted.feats, typed.feats]), others, hidden=p.hidden,
+                        steps=p.steps, lr=p.lr, weight_decay=p.weight_decay, seed=p.seed,
+                        model_md5=model_md5))
+    threshold = torch.quantile(check.scores(held_out.feats), 1 - p.false_flags,
+                               interpolation="higher").item()
+    return Calibration(replace(check, threshold=threshold), fitted, labels[fit_order], held_out)
+
+
+# --- simpler scores, for comparison: higher is less like a digit --------------------
+
+def logits_of(feats: torch.Tensor) -> torch.Tensor:
+    return feats[:, -N_INK - N_LOGITS:-N_INK]
+
+
+def max_softmax(feats: torch.Tensor, _) -> torch.Tensor:
+    """Hendrycks & Gimpel (2017): minus the largest probability."""
+    return -logits_of(feats).softmax(dim=1).max(dim=1).values
+
+
+def energy(feats: torch.Tensor, _) -> torch.Tensor:
+    """Liu et al. (2020): minus the log-sum-exp of the logits."""
+    return -logits_of(feats).logsumexp(dim=1)
+
+
+@dataclass(frozen=True)
+class Gaussians:
+    """Class means of the last block's channel means, and their shared covariance's
+    inverse (Lee et al., 2018)."""
+
+    channels: int  # the last block's: the logits' inputs
+    means: torch.Tensor
+    precision: torch.Tensor
+
+    def last_block(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats[:, -N_INK - N_LOGITS - self.channels:-N_INK - N_LOGITS].double()
+
+    @classmethod
+    def fit(cls, channels: int, feats: torch.Tensor, labels: torch.Tensor) -> Gaussians:
+        f = cls(channels, torch.zeros(0), torch.zeros(0)).last_block(feats)
+        means = torch.stack([f[labels == c].mean(dim=0) for c in range(N_LOGITS)])
+        centred = f - means[labels]
+        return cls(channels, means, torch.linalg.inv(centred.T @ centred / len(f)))
+
+
+def mahalanobis(feats: torch.Tensor, gaussians: Gaussians) -> torch.Tensor:
+    """Lee et al. (2018): the distance to the nearest class mean."""
+    diff = gaussians.last_block(feats)[:, None, :] - gaussians.means[None]
+    return torch.einsum("ncd,de,nce->nc", diff, gaussians.precision, diff).min(dim=1).values
+
+
+BASELINES = {"max_softmax": max_softmax, "energy": energy, "mahalanobis": mahalanobis}
+
+
+def percent(count: int, total: int) -> float:
+    return round(100 * count / total, 2) if total else 0.0
+
+
+def measure(calibration: Calibration, reader: Reader, test_images: torch.Tensor,
+            p: CalibrateParams) -> dict:
+    """What the check and the simpler scores flag, each at the threshold that flags a
+    share p.false_flags of the held-out training digits, on images it was not fitted on:
+    the test split, and typed digits and non-digits from p.seed + 1."""
+    seed = p.seed + 1
+    picked = torch.linspace(0, len(test_images) - 1, min(p.drawn, len(test_images))).long()
+    pen = [drawn(pen_strokes(d), PAGE_SCALE, PAGE_PEN, PAGE_SIDE)
+           for d in test_images[picked].numpy()]
+    digits = {"mnist_test": reader.digits(framed(test_images)),
+              "typed": reader.images(typed_digits(p.typed, seed)[0]),
+              "drawn": reader.images(pen)}
+    others = {kind: reader.images(make(kind, p.per_kind, seed)) for kind in KINDS}
+    check, held_out = calibration.check, calibration.held_out
+    gaussians = Gaussians.fit(reader.model.features[-1].in_channels, calibration.fitted.feats,
+                              calibration.fitted_labels)
+    scorers = {"check": check.scores,
+               **{name: (lambda f, s=score: s(f, gaussians)) for name, score in BASELINES.items()}}
+    thresholds = {name: torch.quantile(score(held_out.feats).double(), 1 - p.false_flags,
+                                       interpolation="higher").item()
+                  for name, score in scorers.items() if name != "check"}
+    thresholds["check"] = check.threshold
+
+    def rates(group: Group) -> dict:
+        flagged = {name: int((score(group.feats) > thresholds[name]).sum()) if len(group.feats) else 0
+                   for name, score in scorers.items()}
+        return {"images": group.total, "refused": percent(group.refused, group.total),
+                "flagged": percent(flagged["check"], group.total),
+                "detected": percent(group.refused + flagged["check"], group.total),
+                "simpler": {name: percent(group.refused + flagged[name], group.total)
+                            for name in BASELINES}}
+
+    non_digits = {kind: rates(group) for kind, group in others.items()}
+    everything = Group(torch.cat([g.feats for g in others.values() if len(g.feats)]),
+                       sum(g.total for g in others.values()))
+    non_digits["all"] = rates(everything)
+    return {"false_flags_target": round(100 * p.false_flags, 2),
+            "held_out_flagged": rates(held_out)["flagged"],
+            "digits": {name: rates(group) for name, group in digits.items()},
+            "non_digits": non_digits}
+
+
+# --- the table in docs/use.md ----------------------------------------------------
+
+ROWS = {"mnist_test": "MNIST test digits", "typed": "digits typed in Pillow's font",
+        "drawn": "MNIST test digits drawn with the page's pen"}
+
+
+def table(metrics: dict) -> str:
+    """metrics/ood.json as a markdown table: one row per kind of image."""
+    lines = ["| images | n | refused (blank) | flagged | refused or flagged | the same with: "
+             "max softmax | energy | Mahalanobis |", "|---|---|---|---|---|---|---|---|"]
+
+    def row(name: str, r: dict, bold: bool = False) -> str:
+        cells = [f"{r['refused']:.2f} %", f"{r['flagged']:.2f} %", f"{r['detected']:.2f} %",
+                 *(f"{r['simpler'][b]:.2f} %" for b in BASELINES)]
+        if bold:
+            cells = [f"**{c}**" for c in cells]
+        return f"| {name} | {r['images']:,} | " + " | ".join(cells) + " |"
+
+    for key, name in ROWS.items():
+        lines.append(row(name, metrics["digits"][key], bold=key == "mnist_test"))
+    kinds = metrics["non_digits"]
+    for kind in sorted(set(kinds) - {"all"}):
+        lines.append(row(kind, kinds[kind]))
+    lines.append(row("all non-digits", kinds["all"], bold=True))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("models/model.pt"))
+    parser.add_argument("--data", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--ood", type=Path, default=Path("models/ood.json"))
+    parser.add_argument("--metrics", type=Path, default=METRICS)
+    args = parser.parse_args()
+    params = load_params()
+    apply_runtime(params.runtime)
+    p = params.calibrate
+    model, mean, std = load_model(args.model)
+    reader = Reader(model, mean, std)
+    train = load_split(args.data / "train.pt")
+    test_images, _ = load_split(args.data / "test.pt")
+    calibration = calibrate(reader, train, p, file_md5(args.model))
+    metrics = measure(calibration, reader, test_images, p)
+    write_json(args.ood, calibration.check.to_json())
+    write_json(args.metrics, metrics)
+    test, others = metrics["digits"]["mnist_test"], metrics["non_digits"]["all"]
+    print(f"digit check: flags {test['flagged']:.2f} % of MNIST test digits; of "
+          f"{others['images']:,} non-digits, {others['detected']:.2f} % refused or flagged; "
+          f"wrote {args.ood} and {args.metrics}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,172 @@
+// The page: a drawing pad and a file input that send an image to POST /predict, and
+// what the server answers. Every decision about the image is the server's (the same
+// code as `python -m stages.predict`); this file only draws and shows.
+//
+// document.body.dataset.state is "busy" while a stroke is drawn or an answer is due,
+// and "ready" once the answer shown is the one for what was last drawn or sent.
+"use strict";
+
+const pad = document.getElementById("pad");
+const ink = pad.getContext("2d");
+const $ = (id) => document.getElementById(id);
+
+let drawing = null;    // the pointer that draws, while it is down
+let pending = null;    // a function giving the next body to send, if any
+let inFlight = false;
+let generation = 0;    // bumped by Clear: answers to older requests are dropped
+
+function setState() {
+  document.body.dataset.state = drawing !== null || inFlight || pending ? "busy" : "ready";
+}
+
+function blank() {
+  ink.fillStyle = "#fff";
+  ink.fillRect(0, 0, pad.width, pad.height);
+  ink.lineWidth = Number(pad.dataset.pen);
+  ink.lineCap = "round";
+  ink.lineJoin = "round";
+  ink.strokeStyle = "#000";
+}
+
+function point(event) {
+  const box = pad.getBoundingClientRect();
+  return [(event.clientX - box.left) * pad.width / box.width,
+          (event.clientY - box.top) * pad.height / box.height];
+}
+
+pad.addEventListener("pointerdown", (event) => {
+  if (drawing !== null) return;
+  event.preventDefault();
+  pad.setPointerCapture(event.pointerId);
+  drawing = event.pointerId;
+  const [x, y] = point(event);
+  ink.beginPath();
+  ink.moveTo(x, y);
+  ink.lineTo(x, y);  // a tap leaves a dot
+  ink.stroke();
+  setState();
+});
+
+pad.addEventListener("pointermove", (event) => {
+  if (event.pointerId !== drawing) return;
+  const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
+  for (const e of events.length ? events : [event]) {
+    const [x, y] = point(e);
+    ink.lineTo(x, y);
+  }
+  ink.stroke();
+});
+
+function endStroke(event) {
+  if (event.pointerId !== drawing) return;
+  drawing = null;
+  sendCanvas();
+}
+pad.addEventListener("pointerup", endStroke);
+pad.addEventListener("pointercancel", endStroke);
+
+function canvasBlob() {
+  return new Promise((resolve) => pad.toBlob(resolve, "image/png"));
+}
+
+function sendCanvas() {
+  $("source").textContent = "the pad";
+  queue(canvasBlob);
+}
+
+function sendFile(file) {
+  if (!file) return;
+  $("source").textContent = `file: ${file.name}`;
+  queue(() => Promise.resolve(file));
+}
+
+// one request at a time; a newer drawing replaces one that waits
+function queue(body) {
+  pending = body;
+  pump();
+}
+
+async function pump() {
+  setState();
+  if (inFlight || !pending) return;
+  const body = pending;
+  pending = null;
+  inFlight = true;
+  const mine = generation;
+  try {
+    const response = await fetch("predict", {method: "POST", body: await body()});
+    const doc = await response.json().catch(() => ({error: `${response.status} ${response.statusText}`}));
+    if (mine === generation) {
+      if (response.ok) show(doc);
+      else complain(doc.error || `${response.status} ${response.statusText}`);
+    }
+  } catch (err) {
+    if (mine === generation) complain(`the server did not answer (${err.message}); is it still running?`);
+  } finally {
+    inFlight = false;
+    pump();
+  }
+}
+
+function complain(text) {
+  $("answer").hidden = true;
+  $("message").textContent = text;
+  $("message").hidden = false;
+}
+
+function show(doc) {
+  $("message").hidden = true;
+  $("answer").hidden = false;
+  $("digit").textContent = doc.digit;
+  $("probability").textContent = doc.probability.toFixed(4);
+  $("flag").hidden = doc.looks_like_digit !== false;
+  $("nocheck").hidden = doc.looks_like_digit !== null;
+  const bars = $("bars");
+  bars.replaceChildren(...doc.probabilities.map((p, d) => {
+    const bar = document.createElement("div");
+    bar.className = d === doc.digit ? "bar top" : "bar";
+    bar.dataset.digit = d;
+    bar.dataset.p = p;
+    bar.title = `${d}: ${p.toFixed(4)}`;
+    const fill = document.createElement("div");
+    fill.className = "fill";
+    fill.style.height = `${(100 * p).toFixed(1)}%`;
+    const label = document.createElement("div");
+    label.className = "label";
+    label.textContent = d;
+    bar.append(fill, label);
+    return bar;
+  }));
+  const seen = $("seen").getContext("2d");
+  const image = seen.createImageData(28, 28);
+  doc.seen.forEach((v, i) => image.data.set([v, v, v, 255], 4 * i));
+  seen.putImageData(image, 0, 0);
+}
+
+$("clear").addEventListener("click", () => {
+  generation += 1;
+  pending = null;
+  blank();
+  $("answer").hidden = true;
+  $("message").hidden = true;
+  $("source").textContent = "";
+  setState();
+});
+$("predict").addEventListener("click", sendCanvas);
+$("file").addEventListener("change", (event) => {
+  sendFile(event.target.files[0]);
+  event.target.value = "";  // the same file again is a new choice
+});
+
+for (const name of ["dragenter", "dragover"]) {
+  pad.addEventListener(name, (event) => { event.preventDefault(); pad.classList.add("dragging"); });
+}
+pad.addEventListener("dragleave", () => pad.classList.remove("dragging"));
+pad.addEventListener("drop", (event) => {
+  event.preventDefault();
+  pad.classList.remove("dragging");
+  sendFile(event.dataTransfer.files[0]);
+});
+
+blank();
+setState();

@@ -1,0 +1,170 @@
+"""The digit check: its features, its file, and what it flags for a model trained here
+on real MNIST digits (fitted with the calibrate stage's own functions)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import QUICK_CHECK
+from stages.calibrate import Reader, framed, measure, table
+from stages.common import StageError, write_json
+from stages.model import Net
+from stages.ood import DigitCheck, activations, file_md5, ink_statistics, load_check, rounded
+from stages.params import CalibrateParams
+from stages.predict import (NOT_A_DIGIT, format_result, load_model, load_predictor, normalise,
+                            predict_files)
+from stages.synthetic import KINDS, drawn, make, pen_strokes
+
+
+def test_activations_end_in_the_models_own_output():
+    torch.manual_seed(0)
+    model = Net(dropout=0.1).eval()
+    x = torch.randn(7, 1, 28, 28)
+    means, logits = activations(model, x)
+    assert means.shape == (7, 8 + 12 + 10 + 12 + 12 + 16 + 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits.log_softmax(dim=1), model(x))
+        # the last block's channel means are what the 1×1 convolution reads
+        torch.testing.assert_close(model.features[-1](means[:, -16:, None, None]).flatten(1),
+                                   logits)
+
+
+def test_ink_statistics_of_a_bar():
+    digit = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    digit[0, 4:24, 13:15] = 255  # 20 rows × 2 columns of solid ink
+    mass, cover, solid, edge, runs = ink_statistics(digit)[0].tolist()
+    assert mass == pytest.approx(40 / 784) and cover == pytest.approx(40 / 784)
+    assert solid == 1.0
+    assert edge == pytest.approx((20 * 2 + 2 * 2) / 40)  # each row and column enters and leaves
+    assert runs == 1.0
+    faint = digit // 8  # under INK: no ink at all
+    assert ink_statistics(faint)[0, 1:3].tolist() == [0.0, 0.0]
+
+
+def small_check(n_features=5, hidden=3, seed=0) -> DigitCheck:
+    g = torch.Generator().manual_seed(seed)
+    return DigitCheck(model_md5="0" * 32, centre=torch.randn(n_features, generator=g),
+                      scale=torch.rand(n_features, generator=g) + 0.5,
+                      hidden=torch.randn(hidden, n_features, generator=g),
+                      hidden_bias=torch.randn(hidden, generator=g),
+                      out=torch.randn(hidden, generator=g), out_bias=0.25, threshold=0.5)
+
+
+def test_a_check_reads_back_from_its_file_exactly(tmp_path):
+    check = rounded(small_check())
+    write_json(tmp_path / "ood.json", check.to_json())
+    again = DigitCheck.from_json(json.loads((tmp_path / "ood.json").read_text()), "ood.json")
+    feats = torch.randn(50, 5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again.scores(feats), check.scores(feats))
+    assert again.threshold == check.threshold and again.model_md5 == check.model_md5
+    # rounding changes the weights by float32 round-off at most
+    torch.testing.assert_close(small_check().scores(feats), check.scores(feats))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("hidden"), "not a digit check"),
+    (lambda d: d.update(threshold="high"), "not a digit check"),
+    (lambda d: d.update(out=[1.0, 2.0]), "shapes do not fit"),
+])
+def test_a_damaged_check_file_is_one_line_error(tmp_path, change, message):
+    doc = small_check().to_json()
+    change(doc)
+    (tmp_path / "ood.json").write_text(json.dumps(doc))
+    (tmp_path / "model.pt").write_bytes(b"x")
+    with pytest.raises(StageError, match=f"ood.json: .*{message}.*dvc repro calibrate"):
+        load_check(tmp_path / "ood.json", tmp_path / "model.pt")
+
+
+def test_a_check_fitted_for_another_checkpoint_is_refused(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    write_json(tmp_path / "ood.json", small_check().to_json())  # md5 0000...
+    with pytest.raises(StageError, match=r"fitted for another checkpoint than .*model\.pt "
+                                         r"\(md5 differs\).*--ood none"):
+        load_check(tmp_path / "ood.json", tmp_path / "model.pt")
+
+
+def test_pen_strokes_trace_the_digit():
+    digit = np.zeros((28, 28), np.uint8)
+    digit[5, 3:9] = 200
+    digit[5, 12] = 255
+    digit[6, 4:7] = 180  # under the first run: the same stroke, back the other way
+    digit[7, 20] = 100  # under the level: not traced
+    assert pen_strokes(digit) == [[(3.5, 5.5), (8.5, 5.5), (6.5, 6.5), (4.5, 6.5)],
+                                  [(12.5, 5.5), (12.5, 5.5)]]
+    canvas = np.asarray(drawn(pen_strokes(digit), scale=10, width=16, side=280))
+    assert canvas[55, 35] == canvas[55, 85] == canvas[55, 125] == canvas[65, 45] == 0
+    assert canvas[55, 105] == 255 and canvas[120, 60] == 255  # paper between and below
+
+
+# --- a real model and its check ----------------------------------------------------
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_check_flags_non_digits_and_passes_digits(mnist, mnist_model, mnist_check):
+    """Measured as the calibrate stage measures it, on images it was not fitted on."""
+    _, calibration = mnist_check
+    reader = Reader(*load_model(mnist_model))
+    p = CalibrateParams(**QUICK_CHECK)
+    metrics = measure(calibration, reader, mnist["test"][0][:3000], p)
+    # the threshold flags the share it was set to, of the held-out training digits
+    assert metrics["held_out_flagged"] <= 2 * 100 * p.false_flags
+    digits, others = metrics["digits"], metrics["non_digits"]
+    assert digits["mnist_test"]["flagged"] <= 2.0, digits
+    assert digits["drawn"]["flagged"] <= 5.0, digits
+    assert others["all"]["detected"] >= 90.0, others["all"]
+    assert others["solid"]["refused"] == 100.0
+    assert others["noise"]["flagged"] >= 95.0
+    # the simpler scores leave most noise as a digit: the check is not one of them
+    assert max(others["noise"]["simpler"].values()) < others["noise"]["detected"]
+    lines = table(metrics).splitlines()
+    assert len(lines) == 2 + 3 + len(KINDS) + 1 and lines[-1].startswith("| all non-digits |")
+
+
+def test_predict_flags_sixteen_bit_noise_but_not_digits(mnist, mnist_model, mnist_check,
+                                                        tmp_path):
+    """The issue's example: 64×64 random noise saved as a 16-bit PNG came back as
+    `8 (p=0.9999)` with no sign that it is not a digit."""
+    noise = np.random.default_rng(0).integers(0, 65536, (64, 64), dtype=np.uint16)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    assert Image.open(tmp_path / "noise.png").mode == "I;16"
+    for i, digit in enumerate(framed(mnist["test"][0][:20]).numpy()):
+        Image.fromarray(255 - digit).resize((112, 112)).save(tmp_path / f"digit{i:02d}.png")
+    predictor = load_predictor(mnist_model, mnist_check[0])
+    results = {r.path: r for r in predict_files([tmp_path], predictor)}
+    flagged = results.pop(str(tmp_path / "noise.png"))
+    assert flagged.looks_like_digit is False and 0 <= flagged.digit <= 9
+    assert format_result(flagged, as_json=False).endswith(f"; {NOT_A_DIGIT}")
+    assert json.loads(format_result(flagged, as_json=True))["looks_like_digit"] is False
+    assert sum(r.looks_like_digit for r in results.values()) >= 19
+    # and the check sees the same digits as predict: one normalisation
+    digits = torch.stack([torch.from_numpy(d) for d in framed(mnist["test"][0][:5]).numpy()])
+    x = normalise(digits, predictor.mean, predictor.std)
+    assert predictor.check.looks_like_digit(predictor.model, x, digits) == [True] * 5
+
+
+def test_the_check_is_as_deterministic_as_the_model(mnist, mnist_model, mnist_check):
+    """Fitting again gives the same file, byte for byte: dvc repro leaves git clean."""
+    from stages.calibrate import calibrate
+
+    p = CalibrateParams(**{**QUICK_CHECK, "fitted": 1000, "held_out": 500, "steps": 50})
+    reader = Reader(*load_model(mnist_model))
+    first, again = (calibrate(reader, mnist["train"], p, file_md5(mnist_model)).check.to_json()
+                    for _ in range(2))
+    assert json.dumps(first) == json.dumps(again)
+
+
+def test_made_up_images_change_with_the_seed():
+    for kind in KINDS:
+        a, b = make(kind, 2, seed=1), make(kind, 2, seed=2)
+        assert png(a[0]) == png(make(kind, 1, seed=1)[0]), kind
+        assert png(a[0]) != png(b[0]), kind

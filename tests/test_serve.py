@@ -1,0 +1,220 @@
+"""The page of `python -m stages.serve`, in headless Chromium, for a model trained here on
+real MNIST digits: drawn test digits get the answers that stages.predict gives, a
+scribble is flagged, each bad input gets its message and a 4xx status while the server
+keeps serving, and the page fetches nothing from anywhere else."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import socket
+import subprocess
+import sys
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import REPO, assert_one_line_error, run_stage
+from scripts.page_screenshot import CHROMIUM, answer, browser_page, draw, serving
+from stages.calibrate import PAGE_PEN, PAGE_SCALE, PAGE_SIDE
+from stages.predict import Prediction, load_predictor, predict_files
+from stages.serve import MAX_BODY
+from stages.synthetic import pen_strokes
+
+pytestmark = pytest.mark.slow
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium for a real "
+                                    "browser (apt-get install chromium); CI installs it")
+N_DIGITS = 60
+
+
+@pytest.fixture(scope="module")
+def url(mnist_model, mnist_check, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with serving("--model", str(mnist_model), "--ood", str(mnist_check[0]), log=log) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    with browser_page(url) as page:
+        page.requested = []
+        page.on("request", lambda r: page.requested.append(r))
+        yield page
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@needs_chromium
+def test_the_pad_is_the_one_the_digit_check_was_measured_on(page):
+    pad = page.eval_on_selector("#pad", "p => [p.width, p.height, Number(p.dataset.pen)]")
+    assert pad == [PAGE_SIDE, PAGE_SIDE, PAGE_PEN]
+
+
+@needs_chromium
+def test_drawn_test_digits_get_the_answers_of_stages_predict(page, mnist, mnist_model,
+                                                           mnist_check, tmp_path):
+    """Each digit is traced from its pixels, row by row, with the mouse; the page's answer
+    must be stages.predict's for the drawing (the same code), and agree with
+    stages.predict on the original digit for at least 95 % of them."""
+    images, labels = mnist["test"]
+    picked = torch.linspace(0, len(images) - 1, N_DIGITS).long().tolist()
+    (tmp_path / "drawn").mkdir()
+    (tmp_path / "original").mkdir()
+    shown = []
+    for i in picked:
+        page.click("#clear")
+        draw(page, pen_strokes(images[i].numpy()), PAGE_SCALE)
+        shown.append(answer(page))
+        # the pad as it was sent: nothing is drawn once the answer is in
+        sent = page.eval_on_selector("#pad", "p => p.toDataURL('image/png')")
+        (tmp_path / "drawn" / f"{i:05d}.png").write_bytes(base64.b64decode(sent.split(",")[1]))
+        Image.fromarray(images[i].numpy()).save(tmp_path / "original" / f"{i:05d}.png")
+    predictor = load_predictor(mnist_model, mnist_check[0])
+    from_drawings = predict_files([tmp_path / "drawn"], predictor)
+    from_originals = predict_files([tmp_path / "original"], predictor)
+    assert all(isinstance(r, Prediction) for r in from_drawings + from_originals)
+    for on_page, cli in zip(shown, from_drawings):
+        assert on_page["digit"] == cli.digit and on_page["message"] is None
+        assert on_page["probability"] == pytest.approx(cli.probability, abs=1e-4)
+        assert on_page["flagged"] == (cli.looks_like_digit is False)
+        assert sum(on_page["bars"]) == pytest.approx(1, abs=1e-4)
+        # (a batch of one and one of many differ in the last bits)
+        assert max(on_page["bars"]) == pytest.approx(cli.probability, abs=2e-6)
+    agree = sum(a["digit"] == b.digit for a, b in zip(shown, from_originals)) / N_DIGITS
+    correct = sum(a["digit"] == int(labels[i]) for a, i in zip(shown, picked)) / N_DIGITS
+    print(f"page on drawn digits: agrees with stages.predict on the originals {agree:.1%}, "
+          f"correct {correct:.1%}")
+    assert agree >= 0.95, f"agreement {agree:.1%}"
+    flagged = sum(a["flagged"] for a in shown)
+    assert flagged <= N_DIGITS // 10, f"{flagged} drawn digits flagged as not digits"
+
+
+@needs_chromium
+def test_a_scribble_is_flagged_but_still_answered(page):
+    page.click("#clear")
+    zigzag = [[(3 + 22 * (k % 2), 3 + 1.5 * k) for k in range(16)]]  # one stroke
+    draw(page, zigzag, PAGE_SCALE)
+    shown = answer(page)
+    assert shown["flagged"] and shown["message"] is None
+    assert shown["digit"] in range(10)  # advice: the digit is still shown
+
+
+def bomb() -> bytes:
+    side = int(50_000_000 ** 0.5) + 2  # just over the pixel limit, a few kB as a 1-bit PNG
+    return png(Image.new("1", (side, side), 1))
+
+
+def truncated() -> bytes:
+    noise = np.random.default_rng(0).integers(0, 256, (120, 120), dtype=np.uint8)
+    data = png(Image.fromarray(noise))
+    return data[:len(data) // 2]
+
+
+BAD_FILES = {
+    "not an image": (b"seven, in words\n", 400, "not an image Pillow can read"),
+    "empty": (b"", 400, "empty file"),
+    "truncated": (truncated(), 400, "unreadable image"),
+    "decompression bomb": (bomb(), 400, "over the limit of 50,000,000 pixels"),
+    "too big": (bytes(MAX_BODY + 1), 413, f"over the limit of {MAX_BODY:,} bytes (5 MB)"),
+}
+
+
+@needs_chromium
+@pytest.mark.parametrize("name", [*BAD_FILES, "blank pad"])
+def test_bad_input_gets_a_message_and_the_server_goes_on(page, mnist, name):
+    page.click("#clear")
+    with page.expect_response(lambda r: r.url.endswith("/predict")) as response:
+        if name == "blank pad":
+            page.click("#predict")
+            status, message = 400, "no ink: the image is blank or nearly so"
+        else:
+            body, status, message = BAD_FILES[name]
+            page.set_input_files("#file", files=[{"name": "upload.png", "mimeType": "image/png",
+                                                  "buffer": body}])
+    page.wait_for_selector("body[data-state=ready]", state="attached")
+    assert response.value.status == status
+    shown = answer(page)
+    assert shown["digit"] is None and message in shown["message"], shown
+    # and it still answers
+    good = Image.fromarray(255 - mnist["test"][0][0].numpy()).resize((140, 140))
+    page.set_input_files("#file", files=[{"name": "seven.png", "mimeType": "image/png",
+                                          "buffer": png(good)}])
+    page.wait_for_selector("body[data-state=ready]", state="attached")
+    assert answer(page)["message"] is None and answer(page)["digit"] in range(10)
+
+
+@needs_chromium
+def test_the_page_fetches_only_from_its_server(page, url):
+    origin = urlsplit(url)
+    others = [r.url for r in page.requested if urlsplit(r.url).netloc != origin.netloc]
+    assert page.requested and others == []
+    html = (REPO / "stages/page/index.html").read_text()
+    assert "http:" not in html and "https:" not in html and "//" not in html.replace("<!--", "")
+
+
+# --- the server without a browser ---------------------------------------------------
+
+def post(url: str, body: bytes, chunked: bool = False) -> tuple[int, dict]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        if chunked:
+            conn.request("POST", "/predict", body=iter([body]), encode_chunked=True,
+                         headers={"Transfer-Encoding": "chunked"})
+        else:
+            conn.request("POST", "/predict", body=body)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_the_server_answers_json_for_a_digit_and_for_each_bad_body(url, mnist):
+    digit = png(Image.fromarray(mnist["test"][0][1].numpy()))
+    status, doc = post(url, digit)
+    assert status == 200 and doc["digit"] in range(10) and len(doc["probabilities"]) == 10
+    assert len(doc["seen"]) == 28 * 28 and max(doc["seen"]) == 255
+    assert isinstance(doc["looks_like_digit"], bool)
+    for name, (body, expected, message) in BAD_FILES.items():
+        status, doc = post(url, body)
+        assert (status, message in doc.get("error", "")) == (expected, True), (name, doc)
+    assert post(url, digit, chunked=True)[0] == 411  # no Content-Length
+    assert post(url, digit) == (200, post(url, digit)[1])
+
+
+def test_a_missing_checkpoint_stops_the_server_before_it_listens(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_stage("stages.serve", "--model", str(tmp_path / "none.pt"), "--port", str(port),
+                     cwd=tmp_path, timeout=60)
+    line = assert_one_line_error(proc)
+    assert "none.pt: checkpoint not found" in line and proc.stdout == ""
+
+
+def test_a_port_in_use_is_one_line(mnist_model, mnist_check, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = run_stage("stages.serve", "--model", str(mnist_model), "--ood",
+                         str(mnist_check[0]), "--port", str(port), cwd=tmp_path, timeout=60)
+    line = assert_one_line_error(proc)
+    assert f"cannot listen on 127.0.0.1 port {port}" in line
+
+
+def test_the_server_listens_on_loopback_unless_told(mnist_model, mnist_check):
+    with serving("--model", str(mnist_model), "--ood", str(mnist_check[0])) as url:
+        assert urlsplit(url).hostname == "127.0.0.1"
+    proc = subprocess.run([sys.executable, "-m", "stages.serve", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert "default 127.0.0.1" in proc.stdout
