@@ -1,4 +1,5 @@
-# Set up the virtualenv from requirements.txt, then drive the pipeline with DVC.
+# Set up the virtualenv from requirements.lock (compiled from requirements.txt), then
+# drive the pipeline with DVC.
 # Stage commands and DVC's queue workers run `python` and `dvc` from PATH, so every
 # target puts the virtualenv's bin first.
 
@@ -6,8 +7,12 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 PYTHON ?= python3
-# The install stamp is keyed on requirements.txt's content, not its timestamp.
-STAMP := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-16)
+# requirements.txt is the list people edit; requirements.lock, compiled from it with
+# hashes (`make lock`), is what setup installs. The install stamp is keyed on the lock's
+# content, not its timestamp.
+LOCK := requirements.lock
+STAMP := $(VENV)/.installed-$(shell sha256sum $(LOCK) | cut -c1-16)
+PIP_TOOLS := pip-tools==7.6.2
 JOBS ?= 1
 SEEDS ?= 1-5
 # The default DVC remote of a clone that has none: a folder that every clone on this
@@ -19,14 +24,24 @@ DVC_REMOTE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mnist-cnn-dvc/remote
 # already names a template of its own.
 PLOTS_TEMPLATE := .dvc/plots_offline.html
 
-.PHONY: setup repro test steps seeds docs push pull bench gpu-check serve
+.PHONY: setup repro test steps seeds docs push pull bench gpu-check serve lock
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# requirements.lock from requirements.txt: every package and version setup installs,
+# with their hashes, for Python 3.11 on Linux; run after editing requirements.txt
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet $(PIP_TOOLS)
+	CUSTOM_COMPILE_COMMAND="make lock" .lock-venv/bin/pip-compile --quiet --generate-hashes \
+		--strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+		--output-file $(LOCK) requirements.txt
+	rm -rf .lock-venv
 
 $(PLOTS_TEMPLATE): $(STAMP) tools/plots_template.py
 	python -m tools.plots_template $@

@@ -45,7 +45,7 @@ import yaml
 from stages.common import StageError, load_torch, run_cli, write_json
 from stages.data import DeviceData, load_split, load_stats, to_device
 from stages.device import is_compiled
-from stages.params import RuntimeParams, TrainParams, load_params
+from stages.params import RuntimeParams, TrainParams, load_params, read_yaml
 from stages.runtime import apply as apply_runtime
 from stages.train import fit, make_runner, new_state, use_cuda_graph
 
@@ -248,9 +248,8 @@ def train_stage_twice(p: TrainParams, runtime: RuntimeParams, data_dir: Path,
     wrote compared byte for byte."""
     with tempfile.TemporaryDirectory(prefix="gpu-check-stage-") as tmp:
         root = Path(tmp)
-        params = {"train": dataclasses.asdict(p), "evaluate": {"batch_size": 250,
-                                                               "max_errors": 0},
-                  "runtime": dataclasses.asdict(runtime)}
+        params = read_yaml(REPO / "params.yaml")  # the other stages' sections as they are
+        params.update(train=dataclasses.asdict(p), runtime=dataclasses.asdict(runtime))
         (root / "params.yaml").write_text(yaml.safe_dump(params))
         paths = [str(REPO)] + ([stub_path()] if stub_path() else [])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}

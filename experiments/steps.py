@@ -35,7 +35,7 @@ FIELDS = {"title", "params", "target", "notebook", "analysis", "results"}
 REQUIRED = FIELDS - {"results"}
 # what a step commit holds: the params and everything the run wrote that git tracks
 COMMITTED = ["params.yaml", "dvc.lock", "metrics", "plots", "models/summary.txt",
-             "models/.gitignore", "data/prepared/stats.json"]
+             "models/ood.json", "models/.gitignore", "data/prepared/stats.json"]
 
 
 def load_steps(path: Path = STEPS_FILE, params_path: Path = PARAMS_FILE) -> dict:

@@ -22,7 +22,8 @@ import yaml
 from helpers import REPO, write_prepared
 
 VENV = Path(sys.prefix)
-TOOLS = ["Makefile", "requirements.txt", "tools/__init__.py", "tools/share.py"]
+TOOLS = ["Makefile", "requirements.txt", "requirements.lock", "tools/__init__.py",
+         "tools/share.py"]
 SWEEP = {"a": ("lr-0.05", "train.lr=0.05"), "b": ("lr-0.4", "train.lr=0.4")}
 METRICS = "metrics/train/metrics.json"
 UP_TO_DATE = "Data and pipelines are up to date."
@@ -58,7 +59,7 @@ def make(target: str, clone: Path, env: dict[str, str], check: bool = True
          ) -> subprocess.CompletedProcess:
     """`make TARGET` with this venv. -o: never install into it, whatever its stamp says,
     and skip setup's offline plots page, which sharing does not need."""
-    digest = hashlib.sha256((clone / "requirements.txt").read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256((clone / "requirements.lock").read_bytes()).hexdigest()[:16]
     return sh("make", target, f"VENV={VENV}", "-o", f"{VENV}/.installed-{digest}",
               "-o", ".dvc/plots_offline.html", cwd=clone, env=env, check=check)
 

@@ -101,7 +101,7 @@ def test_combinations_that_cannot_run_are_one_line_errors(raw, changes, message)
 def test_the_train_stage_refuses_them_before_any_work(tmp_path, line, message):
     """What once ended in torch's ValueError or an overflow traceback."""
     key = line.split(":")[0]
-    text, n = re.subn(rf"(?m)^{key}:.*$", line, PARAMS_YAML.read_text())
+    text, n = re.subn(rf"(?m)^{key}:.*$", line, PARAMS_YAML.read_text(), count=1)  # train's
     assert n == 1
     (tmp_path / "params.yaml").write_text(text)
     proc = run_stage("stages.train", "--data", "x", "--models", "y", "--live", "z", cwd=tmp_path)
