@@ -53,9 +53,19 @@ def write_confusion(path: Path, labels: torch.Tensor, pred: torch.Tensor) -> Non
         frame.to_csv(tmp, index=False)
 
 
+def errors_caption(shown: int, errors: int) -> str:
+    """What the errors figure says of itself: how many of the errors it shows."""
+    if errors == 0:
+        return "no misclassified test digits"
+    if shown == 0:
+        return f"{errors} misclassified test digits, none drawn (evaluate.max_errors is 0)"
+    return f"misclassified test digits (true→predicted): {shown} of {errors} shown"
+
+
 def draw_errors(path: Path, images: torch.Tensor, labels: torch.Tensor, pred: torch.Tensor,
-                max_errors: int) -> None:
-    """A grid of up to MAX_ERRORS misclassified digits, each titled true→predicted."""
+                max_errors: int) -> str:
+    """A grid of up to MAX_ERRORS misclassified digits, each titled true→predicted;
+    returns its caption."""
     errors = (pred != labels).nonzero().flatten()
     wrong = errors[:max_errors].tolist()
     cols = min(8, max(1, len(wrong)))
@@ -66,13 +76,11 @@ def draw_errors(path: Path, images: torch.Tensor, labels: torch.Tensor, pred: to
     for ax, i in zip(axes.flat, wrong):
         ax.imshow(images[i].numpy(), cmap="gray_r")
         ax.set_title(f"{int(labels[i])}→{int(pred[i])}", fontsize=9)
-    if not wrong:
-        note = "no errors" if not len(errors) else f"{len(errors)} errors, none drawn"
-        axes[0, 0].text(0.5, 0.5, note, ha="center", va="center")
-    fig.suptitle(f"misclassified test digits (true→predicted): {len(wrong)} of {len(errors)} "
-                 "shown", fontsize=9)
+    caption = errors_caption(len(wrong), len(errors))
+    fig.suptitle(caption, fontsize=9)
     fig.tight_layout()
     save_png(fig, path)
+    return caption
 
 
 def main() -> None:

@@ -401,3 +401,19 @@ def test_fast_dropout_draws_other_masks_so_it_changes_the_result(params):
         EagerRunner().train_epoch(state, data, p)
         weights[value] = state.model.features[0][0].weight.detach().clone()
     assert not torch.equal(weights["on"], weights["off"])
+
+
+def test_the_errors_figure_says_when_it_draws_none_of_the_errors(tmp_path):
+    """evaluate.max_errors 0 once drew "no errors" over a model with errors."""
+    from stages.evaluate import draw_errors
+
+    images = tiny_split(8, 0)["images"]
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    wrong = torch.tensor([0, 1, 2, 3, 4, 5, 9, 9])  # two errors
+    path = tmp_path / "errors.png"
+    assert draw_errors(path, images, labels, wrong, 0) == \
+        "2 misclassified test digits, none drawn (evaluate.max_errors is 0)"
+    assert draw_errors(path, images, labels, wrong, 1) == \
+        "misclassified test digits (true→predicted): 1 of 2 shown"
+    assert draw_errors(path, images, labels, labels, 48) == "no misclassified test digits"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
