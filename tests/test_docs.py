@@ -4,6 +4,7 @@ and tools.docs' generators on small inputs made here."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -135,9 +136,7 @@ def test_benchmark_table_from_its_json(tmp_path):
     assert "fastest of 3 rounds of 60,000 training images" in text
 
 
-def test_gpu_block_without_the_check_or_its_results(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "benchmarks.gpu_check", None)  # as if not written
-    assert docs.gpu_block(tmp_path) == docs.NO_GPU
+def test_gpu_block_without_results_and_with_them(tmp_path, monkeypatch):
     check = types.SimpleNamespace(RESULTS="benchmarks/results-gpu.json",
                                   gpu_table=lambda results: f"| {results['device']} |")
     monkeypatch.setitem(sys.modules, "benchmarks.gpu_check", check)
@@ -215,6 +214,21 @@ def test_the_last_step_carries_the_seed_summary_of_params_yaml(step_repo):
     assert "seeds" not in first
     write_seeds(step_repo, lr=0.123)  # seeds of another recipe say nothing of this one
     assert summary not in docs.step_notes_block(step_repo)
+
+
+def test_a_gpu_check_that_did_not_record_its_commit_is_dated_by_git(step_repo):
+    """The first schema had no commit: the one HEAD's history held at the check's start."""
+    measured = git(step_repo, "rev-parse", "HEAD").strip()
+    started = git(step_repo, "log", "-1", "--format=%cI").strip()
+    (step_repo / "benchmarks").mkdir()
+    (step_repo / "benchmarks/results-gpu.json").write_text(json.dumps({"started": started}))
+    git(step_repo, "add", "-A")
+    subprocess.run(["git", "commit", "-qm", "later"], cwd=step_repo, check=True,
+                   env={**os.environ, "GIT_COMMITTER_DATE": "2030-01-01T00:00:00+00:00"})
+    assert docs.gpu_results(step_repo)["commit"] == f"{measured[:7]} (HEAD when the check started)"
+    (step_repo / "benchmarks/results-gpu.json").write_text(
+        json.dumps({"started": started, "commit": "abc1234"}))
+    assert docs.gpu_results(step_repo)["commit"] == "abc1234"
 
 
 def test_steps_are_read_from_heads_history_only(step_repo):

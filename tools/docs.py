@@ -301,30 +301,37 @@ def benchmark_block(root: Path) -> str:
     return benchmark_markdown(read_json(path, "benchmark results"))
 
 
-def gpu_block(root: Path) -> str:
-    """The GPU check's table: benchmarks.gpu_check.gpu_table of its RESULTS file."""
-    try:
-        gpu_check = importlib.import_module("benchmarks.gpu_check")
-    except ModuleNotFoundError as err:
-        if err.name != "benchmarks.gpu_check":
-            raise
-        return NO_GPU
-    if not hasattr(gpu_check, "RESULTS") or not hasattr(gpu_check, "gpu_table"):
-        raise StageError("benchmarks/gpu_check.py: tools.docs needs its RESULTS (the "
-                         "results file's path) and gpu_table(results)")
-    path = root / gpu_check.RESULTS
-    if not path.exists():
-        return NO_GPU
-    return gpu_check.gpu_table(read_json(path, "GPU check results"))
-
-
-def gpu_summary_block(root: Path) -> str:
-    """One line for README: benchmarks.gpu_check.gpu_summary of its RESULTS file."""
+def gpu_results(root: Path) -> dict | None:
+    """The GPU check's results file (benchmarks.gpu_check.RESULTS), or None. The first
+    schema did not record the project's commit: it is taken from git then, as the
+    commit HEAD's history held when the check started."""
     gpu_check = importlib.import_module("benchmarks.gpu_check")
     path = root / gpu_check.RESULTS
     if not path.exists():
+        return None
+    results = read_json(path, "GPU check results")
+    if not results.get("commit") and results.get("started"):
+        commit = git_text(root, "rev-list", "-1", "--first-parent",
+                          f"--before={results['started']}", "HEAD")
+        if commit:
+            results["commit"] = f"{commit.strip()[:7]} (HEAD when the check started)"
+    return results
+
+
+def gpu_block(root: Path) -> str:
+    """The GPU check's table: benchmarks.gpu_check.gpu_table of its results."""
+    results = gpu_results(root)
+    if results is None:
         return NO_GPU
-    return gpu_check.gpu_summary(read_json(path, "GPU check results"))
+    return importlib.import_module("benchmarks.gpu_check").gpu_table(results)
+
+
+def gpu_summary_block(root: Path) -> str:
+    """One line for README: benchmarks.gpu_check.gpu_summary of its results."""
+    results = gpu_results(root)
+    if results is None:
+        return NO_GPU
+    return importlib.import_module("benchmarks.gpu_check").gpu_summary(results)
 
 
 def ood_block(root: Path) -> str:
@@ -338,8 +345,9 @@ def ood_block(root: Path) -> str:
     return table(read_json(path, "digit check measurements"))
 
 
-# the blocks read from the step commits, which a shallow clone lacks
-HISTORY_BLOCKS = {"steps", "step_notes"}
+# the blocks read from git's history, which a shallow clone lacks: the step commits,
+# and the commit of a GPU check that did not record it
+HISTORY_BLOCKS = {"steps", "step_notes", "gpu", "gpu_summary"}
 
 
 GENERATORS: dict[str, Callable[[Path], str]] = {
