@@ -70,9 +70,13 @@ def run_queued(runs: dict[str, list[str]], jobs: int, status=queue_status,
     before = set(queue_tasks(status()))
     for name, args in runs.items():
         sh("dvc", "exp", "run", "--queue", "-f", "-n", name, *args)
-    tasks = {task: name for task, (name, _) in queue_tasks(status()).items()
-             if task not in before and name in runs}
-    if sorted(tasks.values()) != sorted(runs):
+    for _ in range(30):  # `dvc queue status` may list a new task a moment later
+        tasks = {task: name for task, (name, _) in queue_tasks(status()).items()
+                 if task not in before and name in runs}
+        if sorted(tasks.values()) == sorted(runs):
+            break
+        time.sleep(1)
+    else:
         raise StageError(f"queued {', '.join(runs)} but `dvc queue status` lists "
                          f"{', '.join(sorted(tasks.values())) or 'none of them'}")
 

@@ -33,8 +33,9 @@ AddRemote = Callable[[Path, dict], None]
 
 def make_env(root: Path) -> dict[str, str]:
     """The venv first on PATH, a git identity, and DVC kept off the user's config."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DVC_", "GIT_", "XDG_")) and k != "MNIST_MIRROR"}
+    env = {k: v for k, v in os.environ.items()  # and no make above: `make test` runs this
+           if not k.startswith(("DVC_", "GIT_", "XDG_"))
+           and k not in ("MNIST_MIRROR", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     env.update(PATH=f"{VENV / 'bin'}{os.pathsep}{env['PATH']}",
                XDG_CACHE_HOME=str(root / "xdg-cache"),
                DVC_GLOBAL_CONFIG_DIR=str(root / "dvc-global"),
