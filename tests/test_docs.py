@@ -34,8 +34,8 @@ def test_every_generated_block_is_current():
 
 @pytest.mark.skipif(not SHALLOW, reason="checked with the other blocks in a full clone")
 def test_the_blocks_read_from_step_commits_need_the_history():
-    pytest.skip("this shallow clone lacks the step commits that the steps and step_notes "
-                "blocks are read from; `git fetch --unshallow` to check them")
+    pytest.skip("this shallow clone lacks the history that some blocks are read from (the "
+                "step commits; the GPU check's commit); `git fetch --unshallow` to check them")
 
 
 @pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
