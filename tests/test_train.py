@@ -19,7 +19,7 @@ from stages.model import count_params, from_checkpoint
 from stages.params import load_params
 from stages.plot import read_history
 from stages.train import (EagerRunner, GraphRunner, fit, lr_schedule, make_runner, new_state,
-                          smoothed_nll, score, train_step)
+                          smoothed_nll, score)
 import stages.train
 
 CPU = torch.device("cpu")
