@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,8 @@ POSTFIX_EVERY = 50  # steps between progress-bar updates (each one syncs the dev
 # the per-epoch test pass's batch: a speed setting only (1000 gave bit-identical results)
 TEST_BATCH_SIZE = 250
 METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "lr")
+# the optimizer's settings that a runner chooses (GraphRunner: fused SGD, a tensor lr)
+RUNNER_SETTINGS = ("lr", "fused", "foreach")
 # the code whose changes make a saved state stale (with the params and the data)
 CODE = [Path(__file__).with_name(name) for name in
         ("train.py", "data.py", "model.py", "device.py", "params.py", "common.py")]
@@ -91,7 +94,12 @@ class TrainState:
             raise ValueError("the saved state and this run disagree on train.ema")
         if self.ema is not None:
             self.ema.load_state_dict(saved["ema"])
+        # how SGD runs (fused, with a tensor lr) belongs to this run's runner, not the state
+        runner_settings = [{key: group[key] for key in RUNNER_SETTINGS}
+                           for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(saved["optimizer"])
+        for group, settings in zip(self.optimizer.param_groups, runner_settings):
+            group.update(settings)
         self.generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
         if saved["cuda_rng"] is not None:
@@ -261,18 +269,21 @@ class GraphRunner:
         self.kinds = ["full"] * self.full + ["last"] * bool(self.last)  # an epoch's steps
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
-        groups = [dict(group) for group in state.optimizer.param_groups]
+        groups = [{key: group[key] for key in RUNNER_SETTINGS}
+                  for group in state.optimizer.param_groups]
         for group in state.optimizer.param_groups:  # fused SGD takes a tensor lr
             group.update(lr=self.lr, fused=True, foreach=False)
         if not capture:
             return
         saved = snapshot(state)
+        entry_stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         try:
             self._capture(saved)
         except BaseException:  # leave STATE as it was, for the eager runner
+            recover_from_capture(state, saved, entry_stream)
             rewind(state, saved)
             for group, before in zip(state.optimizer.param_groups, groups):
-                group.update(lr=before["lr"], fused=before["fused"], foreach=before["foreach"])
+                group.update(before)
             raise
 
     def _step(self, kind: str) -> None:
@@ -288,6 +299,7 @@ class GraphRunner:
 
     def _capture(self, saved: dict) -> None:
         """Warm up, rewind to SAVED, then capture one graph per kind of batch."""
+        self.state.net.train()  # the graphs keep the mode they were captured in
         kinds = sorted(set(self.kinds))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -301,8 +313,7 @@ class GraphRunner:
         rewind(self.state, saved)  # as if the warm-up had not happened
         for kind in kinds:
             graph = torch.cuda.CUDAGraph()
-            # the augmentation's generator; torch registers its default one (dropout) itself
-            graph.register_generator_state(self.state.generator)
+            register_generator(graph, self.state.generator)
             with torch.cuda.graph(graph):
                 self._step(kind)
             self.graphs[kind] = graph
@@ -311,6 +322,7 @@ class GraphRunner:
                     desc: str = "") -> tuple[float, float]:
         """What EagerRunner.train_epoch does, from the graphs (or, without capture, from
         _step): the same order, steps and schedule; the sums are read once, at the end."""
+        assert state is self.state and data is self.data, "the graphs hold their own"
         state.net.train()
         self.order.copy_(torch.randperm(len(data), device=data.x.device,
                                         generator=state.generator))
@@ -324,6 +336,37 @@ class GraphRunner:
                 self._step(kind)
         state.step += len(self.kinds)
         return self.totals.read(len(data))
+
+
+def register_generator(graph: torch.cuda.CUDAGraph, generator: torch.Generator) -> None:
+    """Let GRAPH's replays draw from GENERATOR (the augmentation's). torch registers its
+    default generator (dropout's) itself; before 2.14 a graph needs every other one
+    registered before capture, and from 2.14 registration is automatic and this call a
+    deprecated no-op."""
+    register = getattr(graph, "register_generator_state", None)
+    if register is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            register(generator)
+
+
+def recover_from_capture(state: TrainState, saved: dict, entry_stream) -> None:
+    """After a failed capture, leave CUDA as eager training needs it. A capture that
+    fails half-way can leave the current stream set to the capture stream, and, before
+    torch 2.14, the generators it touched marked as capturing, so that their next eager
+    draw raises. So: back to ENTRY_STREAM, and generators with fresh states (the state
+    itself is put back by rewind)."""
+    if state.generator.device.type != "cuda":
+        return
+    torch.cuda.set_stream(entry_stream)
+    generator = torch.Generator(device=state.generator.device)
+    generator.set_state(saved["generator"])
+    state.generator = generator
+    default = torch.cuda.default_generators[state.generator.device.index or 0]
+    if hasattr(default, "graphsafe_set_state"):
+        fresh = torch.Generator(device=state.generator.device)
+        fresh.set_state(saved["cuda_rng"])
+        default.graphsafe_set_state(fresh)
 
 
 def snapshot(state: TrainState) -> dict:
