@@ -251,7 +251,8 @@ def train_stage_twice(p: TrainParams, runtime: RuntimeParams, data_dir: Path,
         params = read_yaml(REPO / "params.yaml")  # the other stages' sections as they are
         params.update(train=dataclasses.asdict(p), runtime=dataclasses.asdict(runtime))
         (root / "params.yaml").write_text(yaml.safe_dump(params))
-        paths = [str(REPO)] + ([stub_path()] if stub_path() else [])
+        stubs = stub_path()
+        paths = [str(REPO)] + ([stubs] if stubs else [])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         walls = []
         for run in ("a", "b"):
@@ -272,7 +273,7 @@ def train_stage_twice(p: TrainParams, runtime: RuntimeParams, data_dir: Path,
         final = load_torch(root / "a" / "models" / "model.pt", "checkpoint")["test_accuracy"]
     return {"status": "failed" if differing else "ok", "wall_s": walls, "files": len(files),
             "bit_identical": not differing, "differing": differing,
-            "final_test_acc": final, "stubbed": stub_path() is not None}
+            "final_test_acc": final, "stubbed": stubs is not None}
 
 
 # --- the speed benchmark, in a subprocess ----------------------------------------

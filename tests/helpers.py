@@ -131,3 +131,25 @@ def mnist_mirror() -> Path | None:
         if folder and Path(folder).is_dir() and any(Path(folder).glob("*-idx3-ubyte.gz")):
             return Path(folder)
     return None
+
+
+class Killed(Exception):
+    """Stops fit() after an epoch, as a kill right after its state was saved would."""
+
+
+def train_first_epoch_and_save(state, train, test, p, path: Path, key: str,
+                               runner=None) -> None:
+    """fit() STATE for its first epoch only, saving its resumable state to PATH under
+    KEY as the train stage does after each epoch; then stop, as a killed run would."""
+    from stages.common import save_torch
+    from stages.train import fit
+
+    def save_and_stop(s) -> None:
+        save_torch(path, s.state_dict(key))
+        raise Killed
+
+    try:
+        fit(state, train, test, p, save_and_stop, runner)
+    except Killed:
+        return
+    raise AssertionError("fit ended without finishing an epoch")

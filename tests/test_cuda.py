@@ -17,7 +17,7 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import REPO, tiny_split
+from helpers import REPO, tiny_split, train_first_epoch_and_save
 from stages.common import save_torch
 from stages.data import DeviceData, to_device
 from stages.device import compile_model, is_compiled, mark_step
@@ -201,15 +201,8 @@ def test_resume_in_the_graphed_path_is_exact(params, deterministic, tmp_path):
     key = fingerprint(p, runtime, CUDA, "data", MEAN, STD)
     first = new_state(p, CUDA, 200)
 
-    class Stop(Exception):
-        pass
-
-    def save_and_stop(state):
-        save_torch(tmp_path / "state.pt", state.state_dict(key))
-        raise Stop
-
-    with pytest.raises(Stop):
-        fit(first, train, test, p, save_and_stop, runner=GraphRunner(first, train, p))
+    train_first_epoch_and_save(first, train, test, p, tmp_path / "state.pt", key,
+                               runner=GraphRunner(first, train, p))
     resumed = restore(p, CUDA, 200, tmp_path / "state.pt", key)
     assert resumed.epoch == 1
     fit(resumed, train, test, p, runner=GraphRunner(resumed, train, p))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import types
 
 import pytest
@@ -139,7 +138,7 @@ def test_benchmark_table_from_its_json(tmp_path):
 def test_gpu_block_without_results_and_with_them(tmp_path, monkeypatch):
     check = types.SimpleNamespace(RESULTS="benchmarks/results-gpu.json",
                                   gpu_table=lambda results: f"| {results['device']} |")
-    monkeypatch.setitem(sys.modules, "benchmarks.gpu_check", check)
+    monkeypatch.setattr(docs, "gpu_check", check)
     assert docs.gpu_block(tmp_path) == docs.NO_GPU  # no results file yet
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks/results-gpu.json").write_text('{"device": "H100"}')

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, tiny_split, write_prepared
+from helpers import REPO, tiny_split, train_first_epoch_and_save, write_prepared
 from stages.common import load_torch, save_torch
 from stages.data import to_device
 from stages.params import load_params
@@ -137,15 +137,7 @@ def saved(tmp_path):
     key = fingerprint(p, params.runtime, CPU, "data", 0.2, 0.35)
     path = tmp_path / "state.pt"
 
-    class Stop(Exception):
-        pass
-
-    def save_and_stop(state):
-        save_torch(path, state.state_dict(key))
-        raise Stop
-
-    with pytest.raises(Stop):
-        fit(new_state(p, CPU, 64), data, data, p, save_and_stop)
+    train_first_epoch_and_save(new_state(p, CPU, 64), data, data, p, path, key)
     whole = new_state(p, CPU, 64)
     fit(whole, data, data, p)
     return Saved(p, params.runtime, key, path, data, whole)

@@ -15,7 +15,6 @@ from the repository root.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import re
 import subprocess
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from benchmarks import gpu_check
 from experiments.seeds import SEEDS_JSON
 from experiments.seeds import table as seeds_table
 from experiments.steps import PARAMS_FILE, load_steps, step_rev
@@ -305,7 +305,6 @@ def gpu_results(root: Path) -> dict | None:
     """The GPU check's results file (benchmarks.gpu_check.RESULTS), or None. The first
     schema did not record the project's commit: it is taken from git then, as the
     commit HEAD's history held when the check started."""
-    gpu_check = importlib.import_module("benchmarks.gpu_check")
     path = root / gpu_check.RESULTS
     if not path.exists():
         return None
@@ -321,17 +320,13 @@ def gpu_results(root: Path) -> dict | None:
 def gpu_block(root: Path) -> str:
     """The GPU check's table: benchmarks.gpu_check.gpu_table of its results."""
     results = gpu_results(root)
-    if results is None:
-        return NO_GPU
-    return importlib.import_module("benchmarks.gpu_check").gpu_table(results)
+    return NO_GPU if results is None else gpu_check.gpu_table(results)
 
 
 def gpu_summary_block(root: Path) -> str:
     """One line for README: benchmarks.gpu_check.gpu_summary of its results."""
     results = gpu_results(root)
-    if results is None:
-        return NO_GPU
-    return importlib.import_module("benchmarks.gpu_check").gpu_summary(results)
+    return NO_GPU if results is None else gpu_check.gpu_summary(results)
 
 
 def ood_block(root: Path) -> str:
