@@ -47,7 +47,8 @@ from stages.data import DeviceData, load_split, load_stats, to_device
 from stages.device import is_compiled
 from stages.params import RuntimeParams, TrainParams, load_params, read_yaml
 from stages.runtime import apply as apply_runtime
-from stages.train import fit, make_runner, new_state, use_cuda_graph
+from stages.runners import make_runner, use_cuda_graph
+from stages.train import fit, new_state
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("benchmarks/results-gpu.json")  # beside results-cpu.json; tools.docs reads it

@@ -40,8 +40,8 @@ from stages.data import load_split, load_stats, to_device
 from stages.device import resolve_device
 from stages.params import load_params
 from stages.runtime import apply as apply_runtime
-from stages.train import (TEST_BATCH_SIZE, EagerRunner, make_runner, new_state, score,
-                          use_cuda_graph)
+from stages.runners import TEST_BATCH_SIZE, EagerRunner, make_runner, use_cuda_graph
+from stages.train import new_state, score
 
 MNIST_RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -62,14 +62,14 @@ def wait_for_queue(tasks: dict[str, str], start_workers, status=queue_status,
 
 
 def run_queued(runs: dict[str, list[str]], jobs: int, status=queue_status,
-               poll_s: float = 15) -> None:
+               poll_s: float = 15, targets: tuple[str, ...] = ()) -> None:
     """Queue one experiment per name in RUNS (its -S arguments), run them on JOBS workers
     and wait for them (by their task ids). Each stage pins its own thread count
     (params.yaml's runtime.threads), so JOBS workers use JOBS cores at
-    runtime.threads=1."""
+    runtime.threads=1. TARGETS limits each run to those stages and what they need."""
     before = set(queue_tasks(status()))
     for name, args in runs.items():
-        sh("dvc", "exp", "run", "--queue", "-f", "-n", name, *args)
+        sh("dvc", "exp", "run", "--queue", "-f", "-n", name, *args, *targets)
     for _ in range(30):  # `dvc queue status` may list a new task a moment later
         tasks = {task: name for task, (name, _) in queue_tasks(status()).items()
                  if task not in before and name in runs}
@@ -87,15 +87,15 @@ def run_queued(runs: dict[str, list[str]], jobs: int, status=queue_status,
     wait_for_queue(tasks, start_workers, status, poll_s)
 
 
-def experiment_rev(name: str) -> str:
-    """The commit of experiment NAME made on top of HEAD."""
-    head = output("git", "rev-parse", "HEAD").strip()
+def experiment_rev(name: str, baseline: str = "HEAD") -> str:
+    """The commit of experiment NAME made on top of BASELINE (a commit)."""
+    head = output("git", "rev-parse", baseline).strip()
     refs = output("git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps")
     for line in refs.splitlines():
         ref, rev = line.split()
         if ref.endswith(f"/{head[:2]}/{head[2:]}/{name}"):  # DVC's refs/exps/ab/cdef…/NAME
             return rev
-    raise StageError(f"no experiment named {name} on top of HEAD ({head[:7]}); "
+    raise StageError(f"no experiment named {name} on top of {baseline} ({head[:7]}); "
                      "did it run? see `dvc exp show`")
 
 

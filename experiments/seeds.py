@@ -102,7 +102,8 @@ def main() -> None:
     read_yaml("params.yaml")  # a clear error outside the repository root
     try:
         if args.command == "run":
-            run_queued({f"seed-{s}": ["-S", f"train.seed={s}"] for s in seeds}, args.jobs)
+            run_queued({f"seed-{s}": ["-S", f"train.seed={s}"] for s in seeds}, args.jobs,
+                       targets=("train",))
         results, params = read_results(seeds)
     except subprocess.CalledProcessError as err:
         raise StageError(f"`{' '.join(err.cmd)}` failed with exit {err.returncode}") from None

@@ -40,6 +40,36 @@ def load_stats(path: str | Path) -> tuple[float, float]:
     return mean, std
 
 
+def split_validation(labels: torch.Tensor, size: int, seed: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, validation) that hold SIZE of the images with LABELS out for
+    validation, in their original order.
+
+    Class-balanced: each class gives the validation split its share of the labels,
+    rounded down, and the images left to place go to the classes with the largest
+    remainders (the lower class first on a tie). Which images of a class are held out
+    is drawn from a generator seeded with SEED only, so the split is the same whatever
+    the training seed."""
+    n = len(labels)
+    if not 0 < size < n:
+        raise StageError(f"train.val_size {size} must be between 1 and {n - 1}, the "
+                         f"{n} training images less one; 0 holds out none")
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * size / n
+    quotas = exact.floor().long()
+    left = size - int(quotas.sum())
+    # largest remainders first; a stable sort keeps the lower class first on ties
+    order = torch.sort(exact - quotas, descending=True, stable=True).indices
+    quotas[order[:left]] += 1
+    generator = torch.Generator().manual_seed(seed)
+    held = torch.zeros(n, dtype=torch.bool)
+    for label, quota in zip(classes.tolist(), quotas.tolist()):
+        members = (labels == label).nonzero().squeeze(1)
+        chosen = members[torch.randperm(len(members), generator=generator)[:quota]]
+        held[chosen] = True
+    return (~held).nonzero().squeeze(1), held.nonzero().squeeze(1)
+
+
 @dataclass
 class DeviceData:
     """Normalised images (N, 1, 28, 28) float32 and, where known, labels (N,) on one
@@ -70,18 +100,20 @@ def pixel_centres(n: int, device: torch.device, dtype: torch.dtype) -> torch.Ten
 
 
 def augment(x: torch.Tensor, rotation: float, translate: float, background: float,
-            generator: torch.Generator) -> torch.Tensor:
-    """Rotate each image by its own angle, uniform in ±ROTATION degrees, and shift it by
-    up to ±TRANSLATE pixels on each axis, in one batched resampling.
+            generator: torch.Generator, scale: float = 0.0) -> torch.Tensor:
+    """Rotate each image by its own angle, uniform in ±ROTATION degrees, zoom it by its
+    own factor, uniform in 1 ± SCALE, and shift it by up to ±TRANSLATE pixels on each
+    axis, in one batched resampling.
 
     Nearest-neighbour sampling, as torchvision's RandomRotation does by default;
     pixels moved in from outside the frame take the background value. The rotation
     grid is what F.affine_grid returns for these rotations, bit for bit (tested), but
     built by broadcasting: on the CPU affine_grid took 7 times as long as this. The
     angles are drawn first, so that a run without translation draws exactly what it
-    drew before translation existed.
+    drew before translation existed, and the zoom factors last, so that a run without
+    zooming draws and computes exactly what it did before zooming existed.
     """
-    if rotation == 0 and translate == 0:
+    if rotation == 0 and translate == 0 and scale == 0:
         return x
     n, _, h, w = x.shape
     xs = pixel_centres(w, x.device, x.dtype).view(1, 1, w)
@@ -96,6 +128,11 @@ def augment(x: torch.Tensor, rotation: float, translate: float, background: floa
     if translate > 0:
         shift = torch.rand(n, 2, device=x.device, generator=generator, dtype=x.dtype)
         shift = (shift * 2 - 1) * translate  # pixels; a pixel is 2/side in grid units
+    if scale > 0:  # a digit drawn ZOOM times as large samples the image at grid / ZOOM
+        zoom = torch.rand(n, device=x.device, generator=generator, dtype=x.dtype)
+        zoom = (1 + (zoom * 2 - 1) * scale).view(n, 1, 1)
+        gx, gy = gx / zoom, gy / zoom
+    if translate > 0:
         gx = gx + (shift[:, 0] * (2 / w)).view(n, 1, 1)
         gy = gy + (shift[:, 1] * (2 / h)).view(n, 1, 1)
     grid = torch.stack([gx, gy], dim=-1)  # (n, h, w, 2)

@@ -55,6 +55,8 @@ class TrainParams:
                        "decay per step; 0 turns it off")
     rotation: float = _rule(lambda v: 0 <= v <= 180, "degrees in [0, 180]; 0 turns rotation off")
     translate: float = _rule(lambda v: 0 <= v <= 4, "pixels in [0, 4]; 0 turns shifting off")
+    scale: float = _rule(lambda v: 0 <= v <= 0.5, "a share in [0, 0.5]: each digit zoomed by a "
+                         "factor uniform in 1 ± scale; 0 turns zooming off")
     schedule: str = _rule(lambda v: v in SCHEDULES, " or ".join(SCHEDULES))
     warmup: float = _rule(lambda v: 0 < v < 1, "a number in (0, 1) (onecycle: share of steps "
                           "rising to lr)")
@@ -64,6 +66,11 @@ class TrainParams:
     step_size: int = _rule(_positive, "an integer >= 1 (step: epochs between lr drops)")
     gamma: float = _rule(lambda v: 0 < v <= 1, "a number in (0, 1] (step: lr factor at each drop)")
     seed: int = _rule(lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")
+    val_size: int = _rule(lambda v: v >= 0, "an integer >= 0: training images held out for "
+                          "validation (then best.pt is the best validation epoch); 0 holds "
+                          "out none")
+    val_seed: int = _rule(lambda v: 0 <= v < 2**64, "an integer in [0, 2**64): which images "
+                          "val_size holds out, the same for every train.seed")
     device: str = _rule(lambda v: v in DEVICES, " or ".join(DEVICES))
     resume: bool = _rule(None, "true or false")
     channels_last: str = _switch()

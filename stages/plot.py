@@ -1,6 +1,7 @@
-"""Plot stage: accuracy and loss curves, train and test, per epoch.
+"""Plot stage: accuracy and loss curves, train, validation (if any) and test, per epoch.
 
-Reads:  LIVE_DIR/plots/metrics/{train,test}/{acc,loss}.tsv, DVCLive's history.
+Reads:  LIVE_DIR/plots/metrics/{train,val,test}/{acc,loss}.tsv, DVCLive's history
+        (val/ only where the run held out a validation split).
 Writes: OUT_DIR/accuracy.png and OUT_DIR/loss.png.
 Params: none.
 """
@@ -17,13 +18,21 @@ from stages.figures import plt, save_png
 from stages.history import metric_path, read_metric
 
 CURVES = {"acc": ("accuracy.png", "accuracy (%)"), "loss": ("loss.png", "loss (NLL)")}
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+OPTIONAL = ("val",)  # written only by runs with a validation split
+
+
+def splits(live_dir: str | Path) -> list[str]:
+    """The splits whose history LIVE_DIR holds: train and test, and val where it ran."""
+    return [split for split in SPLITS if split not in OPTIONAL
+            or metric_path(live_dir, split, "acc").exists()]
 
 
 def read_history(live_dir: str | Path) -> pd.DataFrame:
-    """One row per epoch, with columns train/acc, test/acc, train/loss, test/loss."""
+    """One row per epoch, with columns train/acc, test/acc, train/loss, test/loss (and
+    val/acc, val/loss with a validation split)."""
     columns = [read_metric(metric_path(live_dir, split, metric), metric).rename(f"{split}/{metric}")
-               for split in SPLITS for metric in CURVES]
+               for split in splits(live_dir) for metric in CURVES]
     history = pd.concat(columns, axis=1).sort_index()
     if history.empty or history.isna().any().any():
         raise StageError(f"{live_dir}: per-epoch history is empty or its files disagree on "
@@ -35,7 +44,7 @@ def draw_curves(history: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     paths = []
     for metric, (name, ylabel) in CURVES.items():
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        for split in SPLITS:
+        for split in [s for s in SPLITS if f"{s}/{metric}" in history]:
             ax.plot(history.index, history[f"{split}/{metric}"], marker="o", markersize=3,
                     label=split)
         ax.set_xlabel("epoch")

@@ -97,7 +97,8 @@ def mnist_model(mnist, tmp_path_factory) -> Path:
     from stages.model import checkpoint
     from stages.params import load_params
     from stages.preprocess import normalisation_stats
-    from stages.train import EagerRunner, new_state
+    from stages.runners import EagerRunner
+    from stages.train import new_state
 
     from helpers import REPO
 

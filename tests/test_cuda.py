@@ -25,8 +25,8 @@ from stages.evaluate import evaluate
 from stages.model import checkpoint, from_checkpoint, predict
 from stages.params import load_params
 from stages.runtime import set_deterministic
-from stages.train import (EagerRunner, GraphRunner, fingerprint, fit, new_state, restore,
-                          score)
+from stages.runners import EagerRunner, GraphRunner
+from stages.train import fingerprint, fit, new_state, restore, score
 
 pytestmark = pytest.mark.cuda  # every test in this file, including ones added later
 
@@ -146,23 +146,23 @@ def test_a_capture_that_cuda_invalidates_falls_back_to_an_eager_run(params, dete
     """A host synchronisation inside the step invalidates the capture for real: the runner
     says so in one line, puts the stream and the generators back in order, and the
     run that follows is exactly an eager run (dropout and augmentation on)."""
-    import stages.train
+    import stages.runners
 
     p = dataclasses.replace(params, epochs=1)
     train, test = cuda_data(tiny_split(200, 0)), cuda_data(tiny_split(64, 1))
-    real_step = stages.train.train_step
+    real_step = stages.runners.train_step
 
     def syncing_step(*args):
         real_step(*args)
         torch.cuda.synchronize()  # not allowed while capturing
 
-    monkeypatch.setattr(stages.train, "train_step", syncing_step)
+    monkeypatch.setattr(stages.runners, "train_step", syncing_step)
     state = new_state(p, CUDA, 200)
-    runner = stages.train.make_runner(state, train, p, graphed=True)
+    runner = stages.runners.make_runner(state, train, p, graphed=True)
     assert isinstance(runner, EagerRunner)
     assert "capturing the training step in a CUDA graph failed" in capsys.readouterr().out
     history = fit(state, train, test, p, runner=runner)
-    monkeypatch.setattr(stages.train, "train_step", real_step)
+    monkeypatch.setattr(stages.runners, "train_step", real_step)
     eager = new_state(dataclasses.replace(p, cuda_graph="off"), CUDA, 200)
     assert history == fit(eager, train, test, dataclasses.replace(p, cuda_graph="off"))
 

@@ -17,7 +17,7 @@ from helpers import REPO, tiny_split, train_first_epoch_and_save, write_prepared
 from stages.common import load_torch, save_torch
 from stages.data import to_device
 from stages.params import load_params
-from stages.train import fingerprint, fit, new_state, restore
+from stages.train import fingerprint, fit, new_state, restore, resume_runner
 import stages.train
 
 EPOCHS = 4
@@ -174,7 +174,8 @@ def test_without_resume_a_state_is_not_used(saved, capsys):
     saved.train_on(state)
 
 
-@pytest.mark.parametrize("change", ["params", "code", "runtime", "data"])
+@pytest.mark.parametrize("change", ["params", "code", "runtime", "runtime code", "torch",
+                                    "GPU model", "data"])
 def test_a_state_from_other_params_code_runtime_or_data_is_ignored(saved, capsys, monkeypatch,
                                                                     tmp_path, change):
     p, runtime, digest = saved.p, saved.runtime, "data"
@@ -186,6 +187,16 @@ def test_a_state_from_other_params_code_runtime_or_data_is_ignored(saved, capsys
         monkeypatch.setattr(stages.train, "CODE", [edited, *stages.train.CODE[1:]])
     elif change == "runtime":
         runtime = dataclasses.replace(runtime, threads=runtime.threads + 1)
+    elif change == "runtime code":  # stages/runtime.py sets how torch computes
+        path = next(path for path in stages.train.CODE if path.name == "runtime.py")
+        edited = tmp_path / "runtime.py"
+        edited.write_text(path.read_text() + "\n# a change\n")
+        monkeypatch.setattr(stages.train, "CODE", [edited if c == path else c
+                                                   for c in stages.train.CODE])
+    elif change == "torch":  # an upgraded torch computes other last bits
+        monkeypatch.setattr(torch, "__version__", "9.9.9")
+    elif change == "GPU model":  # as another GPU would name itself
+        monkeypatch.setattr(stages.train, "device_model", lambda device: "Another GPU")
     else:
         digest = "other data"
     new_key = fingerprint(p, runtime, CPU, digest, 0.2, 0.35)
@@ -195,6 +206,23 @@ def test_a_state_from_other_params_code_runtime_or_data_is_ignored(saved, capsys
     assert "made with other params, code or data, ignored" in capsys.readouterr().out
     if change in ("code", "data"):  # the same params: trained from scratch, the same result
         saved.train_on(state)
+
+
+def test_a_state_that_another_runner_trained_is_ignored(saved, capsys):
+    """A state whose epochs ran from CUDA graphs (or eagerly, after a capture that failed
+    where this run's works) holds other last bits: it is not continued."""
+    state = load_torch(saved.path, "state")
+    assert state["runner"] == "eager"
+    state["runner"] = "CUDA graphs"
+    save_torch(saved.path, state)
+    restored = restore(saved.p, CPU, 64, saved.path, saved.key)
+    assert restored.epoch == 1
+    capsys.readouterr()
+    state, runner = resume_runner(restored, saved.p, saved.data, saved.path)
+    assert state.epoch == 0 and runner.name == "eager"
+    assert ("its epochs ran on the CUDA graphs runner and this run's is eager, ignored; "
+            "starting from epoch 1") in capsys.readouterr().out
+    saved.train_on(state)
 
 
 def test_an_unreadable_state_is_ignored(saved, capsys):

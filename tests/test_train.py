@@ -14,13 +14,13 @@ import yaml
 
 from helpers import REPO, assert_one_line_error, run_stage, tiny_split, write_prepared
 from stages.common import StageError, load_torch
-from stages.data import DeviceData, load_split, to_device
+from stages.data import DeviceData, load_split, split_validation, to_device
 from stages.model import count_params, from_checkpoint
 from stages.params import load_params
 from stages.plot import read_history
-from stages.train import (EagerRunner, GraphRunner, fit, lr_schedule, make_runner, new_state,
-                          smoothed_nll, score)
-import stages.train
+from stages.runners import EagerRunner, GraphRunner, make_runner, smoothed_nll
+from stages.train import fit, lr_schedule, new_state, score
+import stages.runners
 
 CPU = torch.device("cpu")
 
@@ -329,8 +329,8 @@ def test_both_runners_train_every_image_once_an_epoch_the_last_batch_included(
         seen.append(idx.clone())
         real_step(state, data, idx, p, totals)
 
-    real_step = stages.train.train_step
-    monkeypatch.setattr(stages.train, "train_step", recording_step)
+    real_step = stages.runners.train_step
+    monkeypatch.setattr(stages.runners, "train_step", recording_step)
     batches = {}
     for name in ("eager", "graph"):
         seen.clear()
@@ -377,7 +377,7 @@ def test_a_failed_capture_falls_back_to_eager_with_one_line_and_state_untouched(
 
 
 def test_cuda_graph_auto_is_off_without_cuda_and_on_is_refused_there(params):
-    from stages.train import use_cuda_graph
+    from stages.runners import use_cuda_graph
 
     p = params.train
     assert use_cuda_graph(p, CPU) is False
@@ -417,3 +417,75 @@ def test_the_errors_figure_says_when_it_draws_none_of_the_errors(tmp_path):
         "misclassified test digits (true→predicted): 1 of 2 shown"
     assert draw_errors(path, images, labels, labels, 48) == "no misclassified test digits"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_validation_split_is_seeded_balanced_and_the_same_for_every_training_seed():
+    labels = torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(3))
+    kept, held = split_validation(labels, 100, seed=0)
+    again_kept, again_held = split_validation(labels, 100, seed=0)
+    assert torch.equal(kept, again_kept) and torch.equal(held, again_held)
+    assert len(held) == 100 and len(kept) == 900
+    assert not set(kept.tolist()) & set(held.tolist())
+    assert sorted(kept.tolist() + held.tolist()) == list(range(1000))
+    # each class gives its share of the labels, give or take the one image of rounding
+    share = torch.bincount(labels, minlength=10) * 100 / 1000
+    assert (torch.bincount(labels[held], minlength=10) - share).abs().max() < 1
+    assert not torch.equal(split_validation(labels, 100, seed=1)[1], held)
+    with pytest.raises(StageError, match="train.val_size 1000 must be between 1 and 999"):
+        split_validation(labels, 1000, seed=0)
+
+
+def test_no_training_batch_holds_a_validation_image_whatever_the_training_seed(
+        tmp_path, params, monkeypatch):
+    """The train stage trains on the images that split_validation keeps, and on no other:
+    recorded from the images each training step receives, for two training seeds."""
+    folder = write_prepared(tmp_path / "prepared", n_train=200)
+    images = load_split(folder / "train.pt")[0]
+    _, held = split_validation(load_split(folder / "train.pt")[1], 40, seed=0)
+    held_images = {images[i].numpy().tobytes() for i in held.tolist()}
+    for seed in (1, 2):
+        p = dataclasses.replace(params.train, epochs=1, val_size=40, seed=seed, rotation=0.0,
+                                translate=0.0)
+        seen = []
+
+        def recording_step(state, data, idx, p, totals):
+            seen.extend(data.x[idx].mul(0.35).add(0.2).mul(255).round().to(torch.uint8)
+                        .squeeze(1).numpy())
+            real_step(state, data, idx, p, totals)
+
+        real_step = stages.runners.train_step
+        monkeypatch.setattr(stages.runners, "train_step", recording_step)
+        train_split = load_split(folder / "train.pt")
+        kept, held_now = split_validation(train_split[1], p.val_size, p.val_seed)
+        assert torch.equal(held_now, held)
+        train = to_device(train_split[0][kept], train_split[1][kept], 0.2, 0.35, CPU)
+        fit(new_state(p, CPU, len(train)), train, device_data(tiny_split(64, 1)), p)
+        monkeypatch.setattr(stages.runners, "train_step", real_step)
+        trained = {image.tobytes() for image in seen}
+        assert len(seen) == 160 and not trained & held_images
+
+
+def test_best_pt_follows_validation_accuracy_not_test_accuracy(tmp_path, params):
+    """With a validation split, best.pt is the epoch of the best validation accuracy. The
+    test labels here are shuffled, so that the best test epoch is another one."""
+    cwd = tmp_path
+    folder = write_prepared(cwd / "data" / "prepared", n_train=256)
+    test = torch.load(folder / "test.pt")
+    test["labels"] = test["labels"][torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    torch.save(test, folder / "test.pt")
+    raw = yaml.safe_load((cwd / "params.yaml").read_text())
+    raw["train"].update(epochs=6, val_size=64, lr=0.05)
+    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = run_stage("stages.train", "--data", "data/prepared", "--models", "models",
+                     "--live", "metrics/train", cwd=cwd, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    history = read_history(cwd / "metrics" / "train")
+    best = load_torch(cwd / "models" / "best.pt", "checkpoint")
+    val_epoch, test_epoch = history["val/acc"].idxmax(), history["test/acc"].idxmax()
+    assert val_epoch != test_epoch, "the data must make the two measures disagree"
+    assert best["epoch"] == val_epoch
+    assert best["val_accuracy"] == pytest.approx(history["val/acc"].max())
+    summary = json.loads((cwd / "metrics" / "train" / "metrics.json").read_text())
+    assert summary["best"]["val_epoch"] == val_epoch
+    assert summary["best"]["test_epoch"] == test_epoch  # the notebook's measure, kept apart
+    assert "60000" not in proc.stdout and "192 train / 64 validation / 64 test" in proc.stdout
