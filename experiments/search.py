@@ -29,7 +29,7 @@ from stages.history import metric_path, read_metric
 from stages.params import read_yaml
 
 SEARCH_FILE = Path(__file__).with_name("search.yaml")
-SEARCH_JSON = Path(__file__).with_name("search.json")
+SEARCH_JSON = Path("experiments/search.json")  # from the repository root
 LIVE_DIR = "metrics/train"
 VAL = {metric: metric_path(LIVE_DIR, "val", metric).as_posix() for metric in ("acc", "loss")}
 

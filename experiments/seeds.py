@@ -83,7 +83,7 @@ def read_results(seeds: list[int]) -> tuple[dict[int, dict], dict]:
 
 def table(doc: dict) -> str:
     """seeds.json as the markdown table README shows."""
-    rows = ["| seed | final test % | best test % (epoch) |", "|---|---|---|"]
+    rows = ["| seed | final test % | best test % (epoch), selected on test |", "|---|---|---|"]
     rows += [f"| {seed} | {r['final']:.2f} | {r['best']:.2f} ({r['best_epoch']}) |"
              for seed, r in doc["seeds"].items()]
     f = doc["final"]

@@ -2,6 +2,7 @@
 
     python -m experiments.steps check               # validate experiments/steps.yaml
     python -m experiments.steps commit [--jobs N]   # one `step-N: title` commit per step
+    python -m experiments.steps commit --only step-6  # only these; the others stay
     python -m experiments.steps compare             # metrics and params, first vs last
 
 `commit` needs a clean git tree. For each step of steps.yaml, in order, it writes the
@@ -82,6 +83,18 @@ def commit_step(name: str, step: dict) -> None:
     sh("git", "commit", "-q", "-m", commit_message(name, step))
 
 
+def select(steps: dict, only: str | None) -> dict:
+    """The steps that ONLY names (all of them for None), in steps.yaml's order."""
+    if only is None:
+        return steps
+    names = only.split(",")
+    unknown = [name for name in names if name not in steps]
+    if unknown:
+        raise StageError(f"--only {only}: no step {', '.join(unknown)} in {STEPS_FILE.name}; "
+                         f"choose from {', '.join(steps)}")
+    return {name: step for name, step in steps.items() if name in names}
+
+
 def commit_steps(steps: dict, jobs: int) -> None:
     """One commit per step, in order, each from a real run of the current code."""
     require_clean_tree()
@@ -119,6 +132,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("check", "commit", "compare"))
     parser.add_argument("--jobs", type=int, default=1, help="parallel queue workers")
+    parser.add_argument("--only", help="commit only these steps (comma-separated), on top "
+                        "of HEAD; the other steps keep their commits")
     args = parser.parse_args()
     steps = load_steps()
     if args.command == "check":
@@ -127,7 +142,7 @@ def main() -> None:
         return
     try:
         if args.command == "commit":
-            commit_steps(steps, args.jobs)
+            commit_steps(select(steps, args.only), args.jobs)
         compare(steps)
     except subprocess.CalledProcessError as err:
         raise StageError(f"`{' '.join(err.cmd)}` failed with exit {err.returncode}") from None

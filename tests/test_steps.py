@@ -183,3 +183,13 @@ def test_a_failed_run_on_the_queue_does_not_fail_a_later_one(step_repo):
     states = sorted(state for name, state in queue_tasks(queue_status()).values()
                     if name == "seed-3")
     assert states == ["Failed", "Success"]
+
+
+def test_only_selects_steps_in_order_and_names_an_unknown_one():
+    from experiments.steps import select
+
+    steps = load_steps(STEPS_FILE, PARAMS)
+    assert list(select(steps, "step-3,step-1")) == ["step-1", "step-3"]
+    assert select(steps, None) is steps
+    with pytest.raises(StageError, match="--only step-9: no step step-9 in steps.yaml"):
+        select(steps, "step-9")

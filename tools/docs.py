@@ -26,6 +26,8 @@ from typing import Callable
 from benchmarks import gpu_check
 from experiments.seeds import SEEDS_JSON
 from experiments.seeds import table as seeds_table
+from experiments.search import SEARCH_JSON
+from experiments.search import table as search_table
 from experiments.steps import PARAMS_FILE, load_steps, step_rev
 from stages.common import StageError, read_json, run_cli, write_text
 from stages.history import metric_path, read_metric
@@ -60,7 +62,8 @@ def result_markdown(evaluation: dict, training: dict) -> str:
     """One table row: final test accuracy, errors, parameters, epochs, the best epoch."""
     best = training["best"]
     return "\n".join([
-        "| test accuracy | test errors | parameters | epochs | best test accuracy (epoch) |",
+        "| test accuracy | test errors | parameters | epochs | best test accuracy (epoch), "
+        "selected on test |",
         "|---|---|---|---|---|",
         f"| **{evaluation['accuracy']:.2f} %** | {evaluation['errors']:,} | "
         f"{evaluation['params']:,} | {training['step']} | "
@@ -167,8 +170,9 @@ def notebook_cell(step: dict) -> str:
 
 def steps_markdown(steps: dict, runs: dict[str, StepRun]) -> str:
     """One row per step: what it sets, and its run's final and best accuracy."""
-    rows = ["| step | title | sets (`train.` keys) | final test % | best test % (epoch) "
-            "| best train % | notebook: best train / best test (epoch) |",
+    rows = ["| step | title | sets (`train.` keys) | final test % | best test % (epoch), "
+            "the notebook's measure, selected on test | best train % "
+            "| notebook: best train / best test (epoch) |",
             "|---|---|---|---|---|---|---|"]
     for name, step in steps.items():
         run = runs[name]
@@ -196,7 +200,8 @@ def step_notes_markdown(steps: dict, runs: dict[str, StepRun], seeds: dict | Non
         run = runs[name]
         best = run.training["best"]
         results = (f"final test accuracy {run.evaluation['accuracy']:.2f} % "
-                   f"({run.evaluation['errors']} errors), best {best['test_acc']:.2f} % at "
+                   f"({run.evaluation['errors']} errors); as the notebook measures it, "
+                   f"selected on test, best {best['test_acc']:.2f} % at "
                    f"epoch {best_epoch(run.training)}; best train accuracy "
                    f"{best['train_acc']:.2f} %.")
         nb = step.get("notebook")
@@ -267,6 +272,14 @@ def recipe_seeds(root: Path) -> dict | None:
     if doc is None or params_drift(doc.get("params", {}), read_yaml(root / PARAMS_FILE)):
         return None
     return doc
+
+
+def search_block(root: Path) -> str:
+    path = root / SEARCH_JSON
+    if not path.exists():
+        return ("No search has run yet: `python -m experiments.search run --seeds 1`, then "
+                "`python -m tools.docs`.")
+    return search_table(read_json(path, "search results"))
 
 
 def seeds_block(root: Path) -> str:
@@ -351,6 +364,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "steps": steps_block,
     "step_notes": step_notes_block,
     "seeds": seeds_block,
+    "search": search_block,
     "benchmark": benchmark_block,
     "gpu": gpu_block,
     "gpu_summary": gpu_summary_block,
