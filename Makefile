@@ -64,8 +64,10 @@ steps: setup
 seeds: setup
 	python -m experiments.seeds run --seeds $(SEEDS) --jobs $(JOBS)
 
+# the generated tables, and the example report of step 5 against step 4
 docs: setup
 	python -m tools.docs
+	python -m tools.report --base 'HEAD^{/^step-4:}' --head 'HEAD^{/^step-5:}' --out docs/report.md
 
 push: setup
 	python -m tools.share push

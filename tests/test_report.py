@@ -126,8 +126,7 @@ def test_make_report_on_two_step_commits_writes_docs_example(clone):
     make("report", path, {**env, "BASE": BASE, "HEAD": HEAD})
     text = (path / "report.md").read_text()
     assert text == EXAMPLE.read_text(), (
-        "docs/report.md is stale: run `python -m tools.report --base 'HEAD^{/^step-4:}' "
-        "--head 'HEAD^{/^step-5:}' --out docs/report.md`")
+        "docs/report.md is stale: run `make docs`")
     assert "\n**Yes.** `dvc status` at head" in text
     for name in ("curves.png", "confusion.png"):  # the bytes may differ between machines
         with Image.open(path / "report" / name) as new, \
