@@ -74,9 +74,10 @@ def missing_line(rev: Revision, paths: list[str], consequence: str) -> str:
     return f"{rev.label} has no {', '.join(f'`{p}`' for p in paths)}: {consequence}."
 
 
-def dvc_json(root: Path, *args: str) -> dict:
-    """`dvc ARGS --json`, parsed; DVC's error as one line."""
-    done = subprocess.run(["dvc", *args, "--json"], cwd=root, capture_output=True, text=True)
+def dvc_json(root: Path, *args: str, env: dict[str, str] | None = None) -> dict:
+    """`dvc ARGS --json` in ROOT, parsed; DVC's error as one line."""
+    done = subprocess.run(["dvc", *args, "--json"], cwd=root, env=env, capture_output=True,
+                          text=True)
     if done.returncode != 0:
         error = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise StageError(f"`dvc {' '.join(args)}` failed: {error.removeprefix('ERROR: ')}")
@@ -100,7 +101,7 @@ def diff_markdown(diff: dict, base: Revision, head: Revision, what: str) -> list
     if not diff:
         return [f"No {what} changed."]
     lines, notes = [], []
-    for path, values in sorted(diff.items(), key=lambda item: len(item[1]) > FOLDED):
+    for path, values in sorted(diff.items(), key=lambda item: (len(item[1]) > FOLDED, item[0])):
         for rev, side in ((base, "old"), (head, "new")):
             if all(v.get(side) is None for v in values.values()):
                 notes.append(missing_line(rev, [path], f"its {what} show as {DASH}"))
@@ -292,11 +293,11 @@ def status_changes(status: dict, cached: list[str]) -> tuple[list[str], list[str
     changes, unchecked = [], []
     for stage, entries in status.items():
         for entry in entries:
-            if isinstance(entry, str):  # "always changed", "changed checksum"
+            if isinstance(entry, str):  # "changed command", "always changed"
                 changes.append(f"`{stage}`: {entry}")
                 continue
             for kind, items in entry.items():
-                if not isinstance(items, dict):  # "changed command": true
+                if not isinstance(items, dict):  # not paths and their states
                     changes.append(f"`{stage}`: {kind}")
                     continue
                 for path, state in items.items():
@@ -315,15 +316,13 @@ def reproduction_markdown(root: Path, head: Revision) -> list[str]:
     texts, lacking = read_at(root, head, ["dvc.yaml", "dvc.lock"])
     if lacking:
         return [missing_line(head, lacking, "nothing to check its reproduction against")]
-    with checkout(root, head) as path:
-        env = {**os.environ, "DVC_SITE_CACHE_DIR": str(path.parent / "dvc-site")}
-        done = subprocess.run(["dvc", "status", "--json"], cwd=path, env=env,
-                              capture_output=True, text=True)
-    if done.returncode != 0:
-        error = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return [f"`dvc status` failed at {head.label}: {error.removeprefix('ERROR: ')}"]
-    changes, unchecked = status_changes(json.loads(done.stdout or "{}"),
-                                        cached_outputs(yaml.safe_load(texts["dvc.yaml"])))
+    try:
+        with checkout(root, head) as path:
+            status = dvc_json(path, "status", env={
+                **os.environ, "DVC_SITE_CACHE_DIR": str(path.parent / "dvc-site")})
+    except StageError as err:
+        return [f"At {head.label}, {err}."]
+    changes, unchecked = status_changes(status, cached_outputs(yaml.safe_load(texts["dvc.yaml"])))
     if changes:
         lines = [f"**No.** `dvc status` at {head.label} finds what its `dvc.lock` does not "
                  "record; `dvc repro` would rerun these stages:\n\n"
