@@ -90,6 +90,22 @@ def test_the_figures_are_the_same_bytes_when_drawn_again(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_an_output_a_revision_lacks_or_that_cannot_be_read_is_one_line():
+    rev = report.resolve(REPO, "head", "HEAD")
+
+    def unreadable(texts):
+        raise StageError(f"{report.CONFUSION} is unreadable (no columns)")
+
+    parsed, lines = report.read_outputs(REPO, (rev,), [report.CONFUSION, "no/such.csv"],
+                                        len, "left out")
+    assert (parsed, lines) == ({}, [f"{rev.label} has no `no/such.csv`: left out."])
+    parsed, lines = report.read_outputs(REPO, (rev,), [report.CONFUSION], unreadable, "left out")
+    assert (parsed, lines) == ({}, [f"{rev.label}: plots/confusion.csv is unreadable (no "
+                                    "columns): left out."])
+    with pytest.raises(StageError, match=r"^plots/confusion.csv is unreadable"):
+        report.read_confusion("a,b\n1\n2,3,4,5\n")
+
+
 def test_a_shallow_clone_says_how_to_get_the_history(tmp_path):
     shallow = tmp_path / "shallow"
     subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{REPO}", str(shallow)],

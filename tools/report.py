@@ -168,7 +168,10 @@ def curves_summary(histories: dict[Revision, pd.DataFrame]) -> str:
 
 def read_confusion(text: str) -> pd.DataFrame:
     """plots/confusion.csv: a row per test image, in the test set's order."""
-    frame = pd.read_csv(io.StringIO(text))
+    try:
+        frame = pd.read_csv(io.StringIO(text))
+    except (ValueError, pd.errors.ParserError) as err:
+        raise StageError(f"{CONFUSION} is unreadable ({err})") from None
     if list(frame.columns) != ["actual", "predicted"]:
         raise StageError(f"{CONFUSION}: columns {list(frame.columns)}, not actual, predicted")
     return frame
@@ -339,6 +342,65 @@ def reproduction_markdown(root: Path, head: Revision) -> list[str]:
 
 # --- the report -------------------------------------------------------------------
 
+def read_outputs(root: Path, revs: tuple[Revision, ...], paths: list[str], parse,
+                 consequence: str) -> tuple[dict[Revision, object], list[str]]:
+    """PARSE({path: text}) of PATHS at each of REVS, and one line for each revision that
+    lacks one of them, or whose copy PARSE cannot read, saying CONSEQUENCE."""
+    parsed, lines = {}, []
+    for rev in revs:
+        texts, lacking = read_at(root, rev, paths)
+        if lacking:
+            lines.append(missing_line(rev, lacking, consequence))
+            continue
+        try:
+            parsed[rev] = parse(texts)
+        except StageError as err:
+            lines.append(f"{rev.label}: {err}: {consequence}.")
+    return parsed, lines
+
+
+def curves_section(root: Path, revs: tuple[Revision, ...], figures: Path, link: str
+                   ) -> list[str]:
+    paths = history_paths()
+    histories, lines = read_outputs(
+        root, revs, list(paths.values()),
+        lambda texts: read_history({name: texts[path] for name, path in paths.items()}),
+        "its curves are left out")
+    if histories:
+        draw_curves(histories, figures / "curves.png")
+        labels = " and ".join(rev.label for rev in histories)
+        lines += [f"![error rate and loss per epoch, {labels}]({link}/curves.png)",
+                  curves_summary(histories)]
+    return lines
+
+
+def confusion_section(root: Path, revs: tuple[Revision, ...], figures: Path, link: str
+                      ) -> list[str]:
+    consequence = "no confusion matrix and no digits to compare"
+    frames, lines = read_outputs(root, revs, [CONFUSION],
+                                 lambda texts: read_confusion(texts[CONFUSION]), consequence)
+    if len(frames) < len(revs):
+        return lines
+    base, head = revs
+    try:
+        changed = changed_digits(frames[base], frames[head])
+    except StageError as err:
+        return [f"{err}: {consequence}."]
+    matrices = {rev: confusion_matrix(frame) for rev, frame in frames.items()}
+    draw_confusion(matrices, figures / "confusion.png")
+    errors = {rev: len(frame) - int(matrices[rev].to_numpy().trace())
+              for rev, frame in frames.items()}
+    return [
+        f"![each revision's errors per digit, and their change]({link}/confusion.png)",
+        f"Test errors: {base.label} {errors[base]}, {head.label} {errors[head]}. The change "
+        "in each cell, head minus base (rows: the true digit):",
+        change_markdown(matrices[head] - matrices[base]),
+        "Digits whose answer changed; a test image is its position in MNIST's test set, "
+        f"the row of `{CONFUSION}`:",
+        *digits_markdown(changed, base, head),
+    ]
+
+
 def build_report(root: Path, base: Revision, head: Revision, figures: Path,
                  link: str) -> str:
     """The report's Markdown; its figures go into FIGURES, linked as LINK/NAME."""
@@ -357,48 +419,12 @@ def build_report(root: Path, base: Revision, head: Revision, figures: Path,
         *diff_markdown(dvc_json(root, "metrics", "diff", base.commit, head.commit),
                        base, head, "metrics"),
         "## Accuracy and loss per epoch",
+        *curves_section(root, revs, figures, link),
+        "## Confusion matrix and the digits that changed",
+        *confusion_section(root, revs, figures, link),
+        "## Does it still reproduce?",
+        *reproduction_markdown(root, head),
     ]
-
-    histories, notes = {}, []
-    for rev in revs:
-        texts, lacking = read_at(root, rev, list(history_paths().values()))
-        if lacking:
-            notes.append(missing_line(rev, lacking, "its curves are left out"))
-        else:
-            histories[rev] = read_history(dict(zip(history_paths(), texts.values())))
-    if histories:
-        draw_curves(histories, figures / "curves.png")
-        labels = " and ".join(rev.label for rev in histories)
-        notes += [f"![accuracy and loss per epoch, {labels}]({link}/curves.png)",
-                  curves_summary(histories)]
-    sections += notes
-
-    sections.append("## Confusion matrix and the digits that changed")
-    confusions = {}
-    for rev in revs:
-        texts, lacking = read_at(root, rev, [CONFUSION])
-        if lacking:
-            sections.append(missing_line(rev, lacking, "no confusion matrix and no digits "
-                                         "to compare"))
-        else:
-            confusions[rev.role] = read_confusion(texts[CONFUSION])
-    if len(confusions) == 2:
-        matrices = {rev: confusion_matrix(confusions[rev.role]) for rev in revs}
-        draw_confusion(matrices, figures / "confusion.png")
-        base_m, head_m = matrices.values()
-        errors = [int(len(confusions[rev.role]) - m.to_numpy().trace())
-                  for rev, m in zip(revs, matrices.values())]
-        sections += [
-            f"![each revision's errors per digit, and their change]({link}/confusion.png)",
-            f"Test errors: {base.label} {errors[0]}, {head.label} {errors[1]}. The change in "
-            "each cell, head minus base (rows: the true digit):",
-            change_markdown(head_m - base_m),
-            f"Digits whose answer changed; a test image is its position in MNIST's test "
-            f"set, the row of `{CONFUSION}`:",
-            *digits_markdown(changed_digits(confusions["base"], confusions["head"]), base, head),
-        ]
-
-    sections += ["## Does it still reproduce?", *reproduction_markdown(root, head)]
     return "\n\n".join(sections) + "\n"
 
 
