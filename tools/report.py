@@ -28,7 +28,7 @@ import yaml
 from stages.common import StageError, atomic_dir, run_cli, write_text
 from stages.figures import plt, save_png
 from stages.history import metric_path, read_metric
-from stages.plot import CURVES, SPLITS
+from stages.plot import CURVES
 from tools.docs import DASH, LIVE_DIR, git_text, is_shallow
 
 CONFUSION = "plots/confusion.csv"  # evaluate's: actual, predicted, one row per test image
@@ -36,6 +36,7 @@ DIGITS = range(10)
 PRECISION = 5    # decimals, as `dvc metrics diff` rounds
 FOLDED = 12      # a file with more changed values than this is folded in <details>
 STYLES = {"base": "--", "head": "-"}
+SPLITS = {"train": "C0", "test": "C1"}  # the curves compared, and their colours
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def draw_curves(histories: dict[Revision, pd.DataFrame], path: Path) -> None:
     fig, axes = plt.subplots(1, len(CURVES), figsize=(9, 3.4))
     for ax, metric in zip(axes, CURVES):
         for rev, history in histories.items():
-            for split, color in zip(SPLITS, ("C0", "C1")):
+            for split, color in SPLITS.items():
                 values = history[f"{split}/{metric}"]
                 ax.plot(history.index, 100 - values if metric == "acc" else values,
                         STYLES[rev.role], color=color, marker="o", markersize=2.5,
