@@ -77,8 +77,12 @@ def missing_line(rev: Revision, paths: list[str], consequence: str) -> str:
 
 def dvc_json(root: Path, *args: str, env: dict[str, str] | None = None) -> dict:
     """`dvc ARGS --json` in ROOT, parsed; DVC's error as one line."""
-    done = subprocess.run(["dvc", *args, "--json"], cwd=root, env=env, capture_output=True,
-                          text=True)
+    try:
+        done = subprocess.run(["dvc", *args, "--json"], cwd=root, env=env,
+                              capture_output=True, text=True)
+    except FileNotFoundError:
+        raise StageError("dvc is not on PATH: activate the virtualenv, or run `make "
+                         "report`") from None
     if done.returncode != 0:
         error = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise StageError(f"`dvc {' '.join(args)}` failed: {error.removeprefix('ERROR: ')}")
