@@ -24,7 +24,7 @@ DVC_REMOTE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mnist-cnn-dvc/remote
 # already names a template of its own.
 PLOTS_TEMPLATE := .dvc/plots_offline.html
 
-.PHONY: setup repro test steps seeds docs push pull bench gpu-check serve lock
+.PHONY: setup repro test steps seeds docs push pull bench gpu-check serve lock report
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -64,8 +64,10 @@ steps: setup
 seeds: setup
 	python -m experiments.seeds run --seeds $(SEEDS) --jobs $(JOBS)
 
+# the generated tables, and the example report of step 5 against step 4
 docs: setup
 	python -m tools.docs
+	python -m tools.report --base 'HEAD^{/^step-4:}' --head 'HEAD^{/^step-5:}' --out docs/report.md
 
 push: setup
 	python -m tools.share push
@@ -75,6 +77,16 @@ pull: setup
 
 bench: setup
 	python -m benchmarks.train_speed
+
+# What HEAD's committed run did against BASE's, in REPORT and its figures beside it
+# (REPORT's name without .md): params and metrics diffs, the curves, the confusion change,
+# the digits that changed, `dvc status`. Only the venv: no data, no DVC remote
+# (docs/report.md is an example; .github/workflows/report.yml posts it on pull requests).
+BASE ?= main
+HEAD ?= HEAD
+REPORT ?= report.md
+report: $(STAMP)
+	python -m tools.report --base '$(BASE)' --head '$(HEAD)' --out $(REPORT)
 
 # The page to draw a digit on (docs/use.md), after `make repro` or `dvc pull`.
 # HOST=0.0.0.0 lets other machines reach it: read docs/use.md first.
