@@ -15,12 +15,13 @@ PARAMS = REPO / "params.yaml"
 
 def test_the_steps_load_and_the_last_is_params_yaml():
     steps = load_steps(STEPS_FILE, PARAMS)
-    assert list(steps) == [f"step-{n}" for n in range(1, 6)]
+    names = list(steps)
+    assert names == [f"step-{n}" for n in range(1, len(names) + 1)] and len(names) >= 5
     base = yaml.safe_load(PARAMS.read_text())
-    for key, value in steps["step-5"]["params"].items():
+    for key, value in steps[names[-1]]["params"].items():
         section, leaf = key.split(".")
         assert base[section][leaf] == value, key
-    for name in ("step-1", "step-2", "step-3", "step-4"):  # earlier steps differ from it
+    for name in names[:-1]:  # earlier steps differ from it
         assert any(steps[name]["params"][key] != base["train"][key.split(".")[1]]
                    for key in steps[name]["params"])
     assert overrides(steps["step-2"])[:4] == ["-S", "train.schedule=step", "-S", "train.lr=0.01"]
