@@ -20,16 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, assert_one_line_error, run_stage
-from scripts.page_screenshot import CHROMIUM, answer, browser_page, draw, serving
+from helpers import REPO, assert_one_line_error, needs_chromium, run_stage
+from scripts.page_screenshot import answer, browser_page, draw, serving
 from stages.calibrate import PAGE_PEN, PAGE_SCALE, PAGE_SIDE
 from stages.predict import Prediction, load_predictor, predict_files
 from stages.serve import MAX_BODY, PageServer
 from stages.synthetic import pen_strokes
 
 pytestmark = pytest.mark.slow
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium for a real "
-                                    "browser (apt-get install chromium); CI installs it")
 N_DIGITS = 60
 
 

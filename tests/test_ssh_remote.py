@@ -31,7 +31,7 @@ from clones import (AddRemote, UP_TO_DATE, clone, git_clone, init_repo, make, ma
 from helpers import md5
 from ssh_server import SshServer, free_port, keygen
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ssh]
 
 REMOTE = "shared"
 # within about 10 s, with room for a busy machine
