@@ -24,7 +24,7 @@ DVC_REMOTE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mnist-cnn-dvc/remote
 # already names a template of its own.
 PLOTS_TEMPLATE := .dvc/plots_offline.html
 
-.PHONY: setup repro test steps seeds docs push pull bench gpu-check serve lock
+.PHONY: setup repro test steps seeds docs push pull exp-push exp-pull bench gpu-check serve lock
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -67,11 +67,23 @@ seeds: setup
 docs: setup
 	python -m tools.docs
 
+# Push and pull through the default DVC remote, checked first (docs/sharing.md); over
+# SSH, the server's host key must be in $KNOWN_HOSTS (default ~/.ssh/known_hosts).
 push: setup
 	python -m tools.share push
 
 pull: setup
 	python -m tools.share pull
+
+# A sweep split over machines: each pushes its experiments (EXP: names; default all of
+# this commit's) to the git remote and the DVC remote, and anyone pulls them all.
+GIT_REMOTE ?= origin
+EXP ?=
+exp-push: setup
+	python -m tools.share exp-push $(GIT_REMOTE) $(EXP)
+
+exp-pull: setup
+	python -m tools.share exp-pull $(GIT_REMOTE) $(EXP)
 
 bench: setup
 	python -m benchmarks.train_speed

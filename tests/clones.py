@@ -56,13 +56,14 @@ def sh(*cmd: str, cwd: Path, env: dict[str, str], check: bool = True
     return proc
 
 
-def make(target: str, clone: Path, env: dict[str, str], check: bool = True
+def make(target: str, clone: Path, env: dict[str, str], *variables: str, check: bool = True
          ) -> subprocess.CompletedProcess:
-    """`make TARGET` with this venv. -o: never install into it, whatever its stamp says,
-    and skip setup's offline plots page, which sharing does not need."""
+    """`make TARGET VARIABLES` with this venv. -o: never install into it, whatever its
+    stamp says, and skip setup's offline plots page, which sharing does not need."""
     digest = hashlib.sha256((clone / "requirements.lock").read_bytes()).hexdigest()[:16]
-    return sh("make", target, f"VENV={VENV}", "-o", f"{VENV}/.installed-{digest}",
-              "-o", ".dvc/plots_offline.html", cwd=clone, env=env, check=check)
+    return sh("make", target, f"VENV={VENV}", *variables, "-o",
+              f"{VENV}/.installed-{digest}", "-o", ".dvc/plots_offline.html", cwd=clone,
+              env=env, check=check)
 
 
 def share(command: str, clone: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -137,8 +138,9 @@ def experiments(show_json: str) -> dict[str, dict]:
 def share_a_sweep(tmp_path: Path, env: dict[str, str], add_remote: AddRemote | None = None
                   ) -> None:
     """docs/sharing.md's sweep split over machines, asserting each step: two clones run
-    one experiment each and push it, a third pulls both, applies the best and commits it,
-    and a fresh clone of that gets the model with `make pull` alone, up to date."""
+    one experiment each and `make exp-push` it, a third `make exp-pull`s both, applies
+    the best and commits it, and a fresh clone of that gets the model with `make pull`
+    alone, up to date."""
     origin = make_origin(tmp_path, env, add_remote)
 
     # A and B, two machines: each pulls the data, runs its part of the sweep and pushes it
@@ -154,14 +156,14 @@ def share_a_sweep(tmp_path: Path, env: dict[str, str], add_remote: AddRemote | N
     for key, run in runs.items():
         assert run.returncode == 0, outputs[key]
         path, name = machines[key], SWEEP[key][0]
-        sh("dvc", "exp", "push", "origin", name, cwd=path, env=env)
+        make("exp-push", path, env, f"EXP={name}")
         made[name] = {"model": (path / "models" / "model.pt").read_bytes(),
                       "metrics": json.loads((path / METRICS).read_text())}
     assert made["lr-0.05"]["model"] != made["lr-0.4"]["model"]
 
     # C: every experiment with its metrics; the best one's model from the DVC remote
     c = clone(origin, tmp_path / "c", env, add_remote)
-    sh("dvc", "exp", "pull", "origin", cwd=c, env=env)
+    make("exp-pull", c, env)
     shown = experiments(sh("dvc", "exp", "show", "--json", cwd=c, env=env).stdout)
     assert shown == {name: run["metrics"] for name, run in made.items()}
     best = min(shown, key=lambda name: shown[name]["test"]["loss"])

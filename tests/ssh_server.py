@@ -61,6 +61,12 @@ class SshServer:
         """The client's private key: the one key that authorized_keys holds."""
         return self.folder / "client_key"
 
+    @property
+    def known_hosts_line(self) -> str:
+        """The server's host key as a known_hosts line, as `ssh-keyscan -p PORT HOST`
+        writes it."""
+        return f"[{self.host}]:{self.port} {(self.folder / 'host_key.pub').read_text()}"
+
     def stop(self) -> None:
         stop(self.process)
 
