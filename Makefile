@@ -48,7 +48,8 @@ $(PLOTS_TEMPLATE): $(STAMP) tools/plots_template.py
 
 setup: $(STAMP) $(PLOTS_TEMPLATE)
 	@mkdir -p "$(DVC_REMOTE)"
-	@dvc remote default >/dev/null 2>&1 || dvc remote add --local -d -f shared "$(DVC_REMOTE)"
+	@dvc remote default >/dev/null 2>&1 || { dvc remote add --local -d -f shared "$(DVC_REMOTE)" && \
+		dvc remote modify --local shared verify true; }
 	@dvc config --local plots.html_template >/dev/null 2>&1 || \
 		dvc config --local plots.html_template $(notdir $(PLOTS_TEMPLATE))
 

@@ -66,8 +66,33 @@ def make(target: str, clone: Path, env: dict[str, str], *variables: str, check: 
               env=env, check=check)
 
 
-def share(command: str, clone: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return sh(sys.executable, "-m", "tools.share", command, cwd=clone, env=env, check=False)
+def share(command: str, clone: Path, env: dict[str, str], *args: str
+          ) -> subprocess.CompletedProcess:
+    return sh(sys.executable, "-m", "tools.share", command, *args, cwd=clone, env=env,
+              check=False)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line of a failed `make push|pull` or tools.share command, among
+    DVC's own output."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def flip_bytes(path: Path) -> bytes:
+    """Invert 16 bytes in the middle of PATH, keeping its size and its mode (DVC's
+    read-only 0444 in a remote folder, as bit rot would keep it); return the new
+    content."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    mode = path.stat().st_mode
+    path.chmod(0o644)
+    path.write_bytes(data)
+    path.chmod(mode)
+    return bytes(data)
 
 
 def init_repo(root: Path, env: dict[str, str]) -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clones import (AddRemote, UP_TO_DATE, clone, git_clone, init_repo, make, make_env,
-                    make_origin, sh, share_a_sweep)
+from clones import (AddRemote, UP_TO_DATE, clone, error_line, flip_bytes, git_clone,
+                    init_repo, make, make_env, make_origin, sh, share_a_sweep)
 from helpers import md5
 from ssh_server import SshServer, free_port, keygen
 
@@ -113,14 +113,6 @@ def drop_outputs(repo: Path) -> None:
     """A clone that needs a pull: no outputs in the workspace or the cache."""
     for folder in ("models", "data/prepared", ".dvc/cache"):
         shutil.rmtree(repo / folder, ignore_errors=True)
-
-
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    """The one `error:` line of a failed `make push|pull`."""
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
 
 
 def assert_make_fails_in_one_line(proc: subprocess.CompletedProcess) -> str:
@@ -319,16 +311,6 @@ def test_an_interrupted_push_leaves_no_partial_object_and_completes_when_run_aga
     make("pull", fresh, env)
     assert files(fresh / "blobs") == files(repo / "blobs")
     assert UP_TO_DATE in sh("dvc", "status", cwd=fresh, env=env).stdout
-
-
-def flip_bytes(path: Path) -> bytes:
-    """Invert 16 bytes in the middle of PATH, keeping its size; return the new content."""
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
-    path.chmod(0o644)
-    path.write_bytes(data)
-    return bytes(data)
 
 
 def test_a_damaged_object_on_the_remote_is_refused_not_delivered(team, tmp_path):

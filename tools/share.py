@@ -17,17 +17,21 @@ write as an "unexpected error", and answers a pull of outputs the remote lacks w
   must hold every output asked for, or nothing is pulled and the line says to run
   `dvc repro` instead.
 
+DVC hashes nothing it downloads unless the remote says `verify = true`; without it a
+damaged object on the remote lands in the cache and the workspace as if it were good.
+So every pull (`pull`, `exp-pull`) from a remote that has the setting (a folder, ssh://,
+s3://, ...) is refused without it; for the few kinds that lack it (hdfs://), one line
+says so and the pull goes on. `dvc exp pull` drops a damaged object silently and exits
+0, so after it `exp-pull` looks for each experiment's outputs in the cache.
+
 An ssh:// remote is not checked by DVC until it transfers: a wrong key is an
 "unexpected error" with a support link, a host that does not answer hangs for DVC's
 default connect timeout, 30 minutes, and the server's host key is never checked (DVC
 connects with `known_hosts=None`). So before DVC runs, this logs in through DVC's own
 SSH filesystem, with the remote's settings, a 5-second timeout and the host keys of
 $KNOWN_HOSTS (default ~/.ssh/known_hosts): an unknown host or a changed key is refused
-before any key is offered, and the remote's folder must exist there. DVC does not
-verify what it downloads unless the remote says `verify = true`, and without it a
-damaged object on the remote lands in the cache and the workspace as if it were good;
-a pull from an ssh:// remote without it is refused. Other remotes (s3://, ...) are not
-checked.
+before any key is offered, and the remote's folder must exist there. Other remotes
+(s3://, ...) are not checked.
 
 Then DVC runs as usual and its exit status is this command's; where a pull fails, one
 last line names the outputs that did not arrive.
@@ -201,9 +205,22 @@ def check_ssh(name: str, settings: dict) -> None:
                          "(create it there; docs/sharing.md)")
 
 
+def can_verify(url: str) -> bool:
+    """Whether DVC's config has `verify` for this kind of remote (all but a few have)."""
+    from dvc.config_schema import REMOTE_SCHEMAS
+
+    schema = REMOTE_SCHEMAS.get(urlparse(url).scheme if not local_folder(url) else "", {})
+    return any(str(key) == "verify" for key in schema)
+
+
 def check_verify(name: str, settings: dict) -> None:
     """A pull from the remote hash-checks each download (see the module's docstring)."""
-    if not settings.get("verify"):
+    if not can_verify(settings["url"]):
+        kind = urlparse(settings["url"]).scheme
+        print(f"warning: DVC remote '{name}' cannot verify downloads: DVC has no `verify` "
+              f"setting for {kind}:// remotes, so a damaged object there would pass as "
+              "good", file=sys.stderr)
+    elif not settings.get("verify"):
         raise ShareError(f"DVC remote '{name}' does not verify downloads, so a damaged "
                          f"object there would pass as good: run `dvc remote modify --local "
                          f"{name} verify true` (docs/sharing.md)")
@@ -211,14 +228,14 @@ def check_verify(name: str, settings: dict) -> None:
 
 def check_remote(name: str, settings: dict, write: bool) -> None:
     """The checks above that apply to this kind of remote."""
+    if not write:
+        check_verify(name, settings)
     folder = local_folder(settings["url"])
     if folder is not None:
         check_folder(name, folder)
         if write:
             check_writable(name, folder)
     elif is_ssh(settings["url"]):
-        if not write:
-            check_verify(name, settings)
         check_ssh(name, settings)
 
 
@@ -263,10 +280,14 @@ def pull(targets: list[str]) -> int:
     code = subprocess.run(["dvc", "pull", *targets]).returncode
     lost = outputs_not_in_cache(targets) if code != 0 else []
     if lost:
-        raise ShareError(f"DVC remote '{name}': {', '.join(lost)} not pulled (see above): "
-                         "the transfer failed, or the copy there does not match its md5; "
-                         "nothing of it was kept (docs/sharing.md#a-damaged-object)")
+        raise not_pulled(name, lost, "the transfer failed")
     return code
+
+
+def not_pulled(name: str, lost: list[str], why: str) -> ShareError:
+    return ShareError(f"DVC remote '{name}': {', '.join(lost)} not pulled (see above): "
+                      f"{why}, or the copy there does not match its md5; nothing of it "
+                      "was kept (docs/sharing.md#a-damaged-object)")
 
 
 def git_remote_and_names(args: list[str]) -> list[str]:
@@ -287,11 +308,44 @@ def exp_push(args: list[str]) -> int:
 
 
 def exp_pull(args: list[str]) -> int:
-    """`dvc exp pull GIT_REMOTE [NAME ...]` after pull's checks of the remote."""
+    """`dvc exp pull GIT_REMOTE [NAME ...]` after pull's checks of the remote; then every
+    pulled experiment of this commit must have its outputs in the cache."""
     args = git_remote_and_names(args)
     name, settings = default_remote()
     check_remote(name, settings, write=False)
-    return subprocess.run(["dvc", "exp", "pull", *args]).returncode
+    code = subprocess.run(["dvc", "exp", "pull", *args]).returncode
+    lost = experiment_outputs_not_in_cache(args[1:])
+    if lost:
+        raise not_pulled(name, lost, "the remote lacks it, the transfer failed")
+    return code
+
+
+def in_cache(out) -> bool:
+    """A DVC output's object is in the local cache, and for a folder each file's too."""
+    from dvc_data.hashfile.tree import Tree
+
+    cache = out.cache
+    if not cache.exists(out.hash_info.value):
+        return False
+    obj = out.get_obj()
+    return not isinstance(obj, Tree) or all(cache.exists(oid.value) for _, _, oid in obj)
+
+
+def experiment_outputs_not_in_cache(names: list[str]) -> list[str]:
+    """`NAME:PATH` for each cached output of this commit's experiments NAMES (all of them
+    where none) whose objects the local cache lacks."""
+    from dvc.repo import Repo
+
+    lost = []
+    with Repo() as repo:
+        for experiments in repo.experiments.ls().values():
+            for exp_name, rev in experiments:
+                if names and exp_name not in names:
+                    continue
+                for _ in repo.brancher(revs=[rev], workspace=False):
+                    lost += [f"{exp_name}:{out}" for out in repo.index.outs
+                             if out.use_cache and not in_cache(out)]
+    return sorted(lost)
 
 
 COMMANDS = {"push": push, "pull": pull, "exp-push": exp_push, "exp-pull": exp_pull}
