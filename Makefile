@@ -24,7 +24,7 @@ DVC_REMOTE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/mnist-cnn-dvc/remote
 # already names a template of its own.
 PLOTS_TEMPLATE := .dvc/plots_offline.html
 
-.PHONY: setup repro test steps seeds docs push pull bench gpu-check serve lock report
+.PHONY: setup repro test steps seeds docs push pull exp-push exp-pull bench gpu-check serve lock report
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,8 @@ $(PLOTS_TEMPLATE): $(STAMP) tools/plots_template.py
 
 setup: $(STAMP) $(PLOTS_TEMPLATE)
 	@mkdir -p "$(DVC_REMOTE)"
-	@dvc remote default >/dev/null 2>&1 || dvc remote add --local -d -f shared "$(DVC_REMOTE)"
+	@dvc remote default >/dev/null 2>&1 || { dvc remote add --local -d -f shared "$(DVC_REMOTE)" && \
+		dvc remote modify --local shared verify true; }
 	@dvc config --local plots.html_template >/dev/null 2>&1 || \
 		dvc config --local plots.html_template $(notdir $(PLOTS_TEMPLATE))
 
@@ -69,11 +70,23 @@ docs: setup
 	python -m tools.docs
 	python -m tools.report --base 'HEAD^{/^step-4:}' --head 'HEAD^{/^step-5:}' --out docs/report.md
 
+# Push and pull through the default DVC remote, checked first (docs/sharing.md); over
+# SSH, the server's host key must be in $KNOWN_HOSTS (default ~/.ssh/known_hosts).
 push: setup
 	python -m tools.share push
 
 pull: setup
 	python -m tools.share pull
+
+# A sweep split over machines: each pushes its experiments (EXP: names; default all of
+# this commit's) to the git remote and the DVC remote, and anyone pulls them all.
+GIT_REMOTE ?= origin
+EXP ?=
+exp-push: setup
+	python -m tools.share exp-push $(GIT_REMOTE) $(EXP)
+
+exp-pull: setup
+	python -m tools.share exp-pull $(GIT_REMOTE) $(EXP)
 
 bench: setup
 	python -m benchmarks.train_speed

@@ -52,7 +52,10 @@ from stages.train import fit, new_state
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("benchmarks/results-gpu.json")  # beside results-cpu.json; tools.docs reads it
-SCHEMA = 2  # the JSON's layout version: 2 added the runner, the stage runs and the commit
+SCHEMA = 3  # the JSON's layout version: 2 added the runner, the stage runs and the commit;
+# 3 the torch version that requirements.lock pins, beside the one the check ran with
+RUNNER_SCHEMA = 2  # files of an earlier schema were measured before the CUDA-graph runner
+LOCK = REPO / "requirements.lock"
 BUDGET_S = 480  # the whole check: about 8 minutes, so that it fits one slot on a lent GPU
 TESTS_TIMEOUT_S = 240  # the CUDA tests' share of it, compiling included
 MIN_PART_S = 30  # a part that would start with less time left is skipped
@@ -96,11 +99,26 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def environment(device: torch.device) -> dict:
+def locked_torch(lock: Path = LOCK) -> str | None:
+    """The torch version that LOCK (requirements.lock) pins; None without the file."""
+    try:
+        found = re.search(r"(?m)^torch==(\S+)", lock.read_text())
+    except OSError:
+        return None
+    return found.group(1) if found else None
+
+
+def environment(device: torch.device, lock: Path = LOCK) -> dict:
+    """What the check runs on: the torch it runs with beside the one LOCK pins (a local
+    build suffix such as +cu130 aside), whether they match (None: no lock)."""
+    locked = locked_torch(lock)
+    matches = None if locked is None else torch.__version__.split("+")[0] == locked
     return {
         "device": device.type,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__,
+        "torch_locked": locked,
+        "torch_matches_lock": matches,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "python": platform.python_version(),
@@ -412,6 +430,24 @@ def _run_header(name: str, run: dict) -> str:
     return f"{label} ({run.get('status', 'missing')})"
 
 
+def torch_text(env: dict) -> str:
+    """`torch VERSION`, flagged where it is not the version requirements.lock pins."""
+    text = f"torch {env.get('torch', DASH)}"
+    if env.get("torch_matches_lock") is False:
+        text += f" (requirements.lock pins {env['torch_locked']}: a mismatch)"
+    return text
+
+
+def measured(results: dict) -> str:
+    """When the check ran and on which code; for a file from before the CUDA-graph
+    runner, that it predates the runner."""
+    text = (f"measured {str(results.get('started', DASH))[:10]} at commit "
+            f"{results.get('commit') or 'not recorded'}")
+    if results.get("schema", 1) < RUNNER_SCHEMA:
+        text += ", before the CUDA-graph runner, which has not run on a GPU yet"
+    return text
+
+
 def _runner(run: dict) -> str:
     if "runner" in run:
         return run["runner"]
@@ -432,8 +468,8 @@ def gpu_table(results: dict) -> str:
     else:
         tests_text = tests.get("status", "not run")
     caption = (f"{env.get('gpu') or 'no GPU (' + str(env.get('device')) + ')'}, "
-               f"torch {env.get('torch', DASH)}, CUDA {env.get('cuda') or DASH}, "
-               f"commit {results.get('commit') or 'not recorded'}; CUDA tests: {tests_text}.")
+               f"{torch_text(env)}, CUDA {env.get('cuda') or DASH}, {measured(results)}; "
+               f"CUDA tests: {tests_text}.")
     names = list(results.get("train", {}))
     runs = [results["train"][name] for name in names]
     bench = results.get("benchmark", {})
@@ -472,8 +508,8 @@ def gpu_table(results: dict) -> str:
 
 
 def gpu_summary(results: dict) -> str:
-    """One sentence of a results dict for README: the GPU, the commit, and each
-    training run's 15-epoch time, runner and final accuracy."""
+    """One sentence of a results dict for README: the GPU, when and at which commit, and
+    each training run's 15-epoch time, runner and final accuracy."""
     env = results.get("environment", {})
     epochs = results.get("params", {}).get("epochs", DASH)
     runs = [f"{_runner(run)} {run['wall_s']:.1f} s ({run['final_test_acc']:.2f} %)"
@@ -482,9 +518,8 @@ def gpu_summary(results: dict) -> str:
     process = (f"; the train stage as a whole process {stage['wall_s'][0]:.1f} s, two runs "
                f"{'bit-identical' if stage['bit_identical'] else 'not bit-identical'}"
                if stage.get("status") in ("ok", "failed") else "")
-    return (f"{env.get('gpu') or 'no GPU'} (torch {env.get('torch', DASH)}), commit "
-            f"{results.get('commit') or 'not recorded'}: {epochs} epochs in process "
-            f"took {', '.join(runs) or DASH}{process}. Details: "
+    return (f"{env.get('gpu') or 'no GPU'} ({torch_text(env)}), {measured(results)}: "
+            f"{epochs} epochs in process took {', '.join(runs) or DASH}{process}. Details: "
             "[docs/performance.md](docs/performance.md#measured).")
 
 
@@ -530,9 +565,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.epochs is not None:
         p = dataclasses.replace(p, epochs=args.epochs)
     env = environment(device)
-    print(f"{env['gpu'] or 'no GPU, on the ' + device.type}, torch {env['torch']} "
-          f"(CUDA {env['cuda']}), "
-          f"Python {env['python']}; budget {args.budget:.0f} s", flush=True)
+    print(f"{env['gpu'] or 'no GPU, on the ' + device.type}, {torch_text(env)}, "
+          f"CUDA {env['cuda']}, Python {env['python']}; budget {args.budget:.0f} s",
+          flush=True)
     results = run_check(p, params.runtime, args.data, device, budget, args.out,
                         args.bench_batches, args.bench_repeat, args.commit or git_commit())
     print(f"\n{gpu_table(results)}\n\nwritten to {args.out} in {results['elapsed_s']} s",

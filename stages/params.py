@@ -134,7 +134,8 @@ class CalibrateParams:
     steps: int = _rule(_positive, "an integer >= 1")
     lr: float = _rule(_positive, "a number > 0")
     weight_decay: float = _rule(lambda v: v >= 0, "a number >= 0")
-    seed: int = _rule(lambda v: v >= 0, "an integer >= 0")
+    seed: int = _rule(lambda v: 0 <= v < 2**64 - 1, "an integer in [0, 2**64 - 1): the "
+                      "measurement also uses seed + 1")
 
 
 @dataclass(frozen=True)

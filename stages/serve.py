@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import re
 import socket
 import threading
 from dataclasses import asdict
@@ -34,6 +35,7 @@ from stages.predict import (Predictor, load_predictor, model_arguments, predicti
                             predict_digits, read_digit)
 
 MAX_BODY = 5 * 1024 * 1024  # bytes: the largest image file accepted
+DECIMAL = re.compile(r"[0-9]+")  # ASCII digits only: int() also takes "-1", "+5", "5_0"
 DRAIN_LIMIT = 64 * 1024 * 1024  # a larger body is not read at all: the connection closes
 PAGE = Path(__file__).with_name("page")
 ASSETS = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -60,6 +62,38 @@ def answer(body: bytes, predictor: Predictor) -> tuple[int, dict]:
                            "seen": digit.flatten().tolist()}
 
 
+class BadLength(Exception):
+    """A Content-Length that the server refuses: its HTTP status, its one-line message,
+    and how many bytes of the body to read and drop after the answer."""
+
+    def __init__(self, status: int, message: str, drain: int = 0):
+        super().__init__(message)
+        self.status, self.drain = status, drain
+
+
+def content_length(values: list[str] | None) -> int:
+    """The body's length from the request's Content-Length headers: exactly one, a plain
+    decimal (no sign, no hex, no underscores) of at most MAX_BODY bytes; else BadLength."""
+    if not values:
+        raise BadLength(HTTPStatus.LENGTH_REQUIRED,
+                        "send the image file as the body, with its Content-Length")
+    if len(values) > 1:
+        raise BadLength(HTTPStatus.BAD_REQUEST,
+                        f"{len(values)} Content-Length headers: send exactly one")
+    value = values[0].strip(" \t")
+    if not DECIMAL.fullmatch(value):
+        raise BadLength(HTTPStatus.BAD_REQUEST, f"Content-Length {value[:40]!r} is not a "
+                                                "number of bytes: send plain digits")
+    digits = value.lstrip("0") or "0"
+    length = int(digits) if len(digits) <= 18 else None  # None: beyond any real file
+    if length is not None and length <= MAX_BODY:
+        return length
+    size = f"{length:,}" if length is not None else f"a {len(digits)}-digit number of"
+    raise BadLength(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"file too large: {size} bytes, over the limit of {MAX_BODY:,} bytes "
+                    "(5 MB)", drain=length if length and length <= DRAIN_LIMIT else 0)
+
+
 class Handler(BaseHTTPRequestHandler):
     server: PageServer
     server_version = "mnist-cnn"
@@ -79,6 +113,15 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, status: int, doc: dict) -> None:
         self.send(status, json.dumps(doc).encode(), "application/json")
 
+    def drain(self, left: int) -> None:
+        """Read and drop LEFT bytes of a refused body, so that the client, still sending,
+        hears the answer rather than a reset connection."""
+        while left > 0:
+            chunk = self.rfile.read(min(1 << 20, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         asset = ASSETS.get(self.path.split("?", 1)[0])
         if asset is None:
@@ -92,23 +135,11 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(HTTPStatus.NOT_FOUND, {"error": f"nothing to post to at {self.path}"})
             return
         try:
-            length = int(self.headers["Content-Length"])
-        except (TypeError, ValueError):
+            length = content_length(self.headers.get_all("Content-Length"))
+        except BadLength as err:  # answered before a byte of the body is read
             self.close_connection = True
-            self.send_json(HTTPStatus.LENGTH_REQUIRED,
-                           {"error": "send the image file as the body, with its Content-Length"})
-            return
-        if length > MAX_BODY:
-            self.close_connection = True
-            left = length if length <= DRAIN_LIMIT else 0  # read, so the client hears us
-            while left > 0:
-                chunk = self.rfile.read(min(1 << 20, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
-            self.send_json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           {"error": f"file too large: {length:,} bytes, over the limit of "
-                                     f"{MAX_BODY:,} bytes (5 MB)"})
+            self.send_json(err.status, {"error": str(err)})
+            self.drain(err.drain)
             return
         body = self.rfile.read(length)
         if len(body) < length:

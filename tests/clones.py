@@ -56,17 +56,43 @@ def sh(*cmd: str, cwd: Path, env: dict[str, str], check: bool = True
     return proc
 
 
-def make(target: str, clone: Path, env: dict[str, str], check: bool = True
+def make(target: str, clone: Path, env: dict[str, str], *variables: str, check: bool = True
          ) -> subprocess.CompletedProcess:
-    """`make TARGET` with this venv. -o: never install into it, whatever its stamp says,
-    and skip setup's offline plots page, which sharing does not need."""
+    """`make TARGET VARIABLES` with this venv. -o: never install into it, whatever its
+    stamp says, and skip setup's offline plots page, which sharing does not need."""
     digest = hashlib.sha256((clone / "requirements.lock").read_bytes()).hexdigest()[:16]
-    return sh("make", target, f"VENV={VENV}", "-o", f"{VENV}/.installed-{digest}",
-              "-o", ".dvc/plots_offline.html", cwd=clone, env=env, check=check)
+    return sh("make", target, f"VENV={VENV}", *variables, "-o",
+              f"{VENV}/.installed-{digest}", "-o", ".dvc/plots_offline.html", cwd=clone,
+              env=env, check=check)
 
 
-def share(command: str, clone: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return sh(sys.executable, "-m", "tools.share", command, cwd=clone, env=env, check=False)
+def share(command: str, clone: Path, env: dict[str, str], *args: str
+          ) -> subprocess.CompletedProcess:
+    return sh(sys.executable, "-m", "tools.share", command, *args, cwd=clone, env=env,
+              check=False)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line of a failed `make push|pull` or tools.share command, among
+    DVC's own output."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def flip_bytes(path: Path) -> bytes:
+    """Invert 16 bytes in the middle of PATH, keeping its size and its mode (DVC's
+    read-only 0444 in a remote folder, as bit rot would keep it); return the new
+    content."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    mode = path.stat().st_mode
+    path.chmod(0o644)
+    path.write_bytes(data)
+    path.chmod(mode)
+    return bytes(data)
 
 
 def init_repo(root: Path, env: dict[str, str]) -> None:
@@ -137,8 +163,9 @@ def experiments(show_json: str) -> dict[str, dict]:
 def share_a_sweep(tmp_path: Path, env: dict[str, str], add_remote: AddRemote | None = None
                   ) -> None:
     """docs/sharing.md's sweep split over machines, asserting each step: two clones run
-    one experiment each and push it, a third pulls both, applies the best and commits it,
-    and a fresh clone of that gets the model with `make pull` alone, up to date."""
+    one experiment each and `make exp-push` it, a third `make exp-pull`s both, applies
+    the best and commits it, and a fresh clone of that gets the model with `make pull`
+    alone, up to date."""
     origin = make_origin(tmp_path, env, add_remote)
 
     # A and B, two machines: each pulls the data, runs its part of the sweep and pushes it
@@ -154,14 +181,14 @@ def share_a_sweep(tmp_path: Path, env: dict[str, str], add_remote: AddRemote | N
     for key, run in runs.items():
         assert run.returncode == 0, outputs[key]
         path, name = machines[key], SWEEP[key][0]
-        sh("dvc", "exp", "push", "origin", name, cwd=path, env=env)
+        make("exp-push", path, env, f"EXP={name}")
         made[name] = {"model": (path / "models" / "model.pt").read_bytes(),
                       "metrics": json.loads((path / METRICS).read_text())}
     assert made["lr-0.05"]["model"] != made["lr-0.4"]["model"]
 
     # C: every experiment with its metrics; the best one's model from the DVC remote
     c = clone(origin, tmp_path / "c", env, add_remote)
-    sh("dvc", "exp", "pull", "origin", cwd=c, env=env)
+    make("exp-pull", c, env)
     shown = experiments(sh("dvc", "exp", "show", "--json", cwd=c, env=env).stdout)
     assert shown == {name: run["metrics"] for name, run in made.items()}
     best = min(shown, key=lambda name: shown[name]["test"]["loss"])

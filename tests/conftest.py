@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import ssh_server
+from ci_suites import pytest_runtest_makereport  # noqa: F401 - a hook: CI fails skipped suites
 from helpers import Mirror, idx_bytes, md5, raw_arrays, write_raw_dir
 
 # The tests' tensors are tiny: one thread is faster, and does not fight a training
@@ -47,7 +48,8 @@ def mirror(tmp_path, monkeypatch) -> Mirror:
 
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory) -> ssh_server.SshServer:
-    """One real sshd for the whole session; skips with the reason where none can run."""
+    """One real sshd for the whole session; skips with the reason where none can run
+    (and fails instead in CI: tests/ci_suites.py)."""
     reason = ssh_server.unavailable()
     if reason:
         pytest.skip(reason)

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+
+from scripts.page_screenshot import CHROMIUM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,3 +156,11 @@ def train_first_epoch_and_save(state, train, test, p, path: Path, key: str,
     except Killed:
         return
     raise AssertionError("fit ended without finishing an epoch")
+
+
+def needs_chromium(test):
+    """A test that drives a real browser: marked `browser`, and skipped without Chromium
+    (failed instead in CI: tests/ci_suites.py)."""
+    skip = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium for a real browser "
+                              "(apt-get install chromium); CI installs it")
+    return pytest.mark.browser(skip(test))

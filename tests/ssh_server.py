@@ -5,7 +5,8 @@ the client key only, and an `sshd_config` that names them, then runs
 `sshd -D -e -f FOLDER/sshd_config` as the current user. The daemon reads no /etc/ssh
 file, writes no PID file and logs to FOLDER/sshd.log; it allows only key logins and
 serves SFTP in-process, with no terminal, so it records no logins either. `stop()`
-ends it. Nothing outside FOLDER changes.
+ends it. Nothing outside FOLDER changes, except that as root it creates /run/sshd where
+it is missing: the empty folder that sshd needs then, as the ssh service creates it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
-# as root, sshd needs this empty folder (its privilege-separation chroot); the system
-# creates it when it starts the ssh service, and `.ci/run` creates it
+# as root, sshd needs this empty folder (its privilege-separation chroot, fixed when
+# OpenSSH is built); the ssh service creates it when it starts, and so does unavailable()
 PRIVSEP = Path("/run/sshd")
 START_SECONDS = 10
 
@@ -60,6 +61,12 @@ class SshServer:
         """The client's private key: the one key that authorized_keys holds."""
         return self.folder / "client_key"
 
+    @property
+    def known_hosts_line(self) -> str:
+        """The server's host key as a known_hosts line, as `ssh-keyscan -p PORT HOST`
+        writes it."""
+        return f"[{self.host}]:{self.port} {(self.folder / 'host_key.pub').read_text()}"
+
     def stop(self) -> None:
         stop(self.process)
 
@@ -69,14 +76,16 @@ def sshd_path() -> str | None:
 
 
 def unavailable() -> str | None:
-    """Why no sshd can run here, or None."""
+    """Why no sshd can run here, or None; as root, first creates PRIVSEP if missing."""
     if sshd_path() is None:
         return "no sshd on this machine: install openssh-server (.ci/run does)"
     if shutil.which("ssh-keygen") is None:
         return "no ssh-keygen on this machine: install openssh-client"
     if os.geteuid() == 0 and not PRIVSEP.is_dir():
-        return (f"sshd as root needs {PRIVSEP}, which the ssh service creates when it "
-                f"starts: `mkdir -p {PRIVSEP}` (.ci/run does)")
+        try:
+            PRIVSEP.mkdir(mode=0o755, parents=True)
+        except OSError as err:
+            return f"sshd as root needs {PRIVSEP}, which cannot be created: {err.strerror}"
     return None
 
 

@@ -14,8 +14,9 @@ import torch
 
 import test_cuda
 from benchmarks.gpu_check import (Budget, benchmark, benchmark_result, cuda_tests,
-                                  failed_parts, gpu_table, junit_counts, last_message, main,
-                                  measure_training, run_check, write_idx_files)
+                                  environment, failed_parts, gpu_summary, gpu_table,
+                                  junit_counts, last_message, main, measure_training,
+                                  run_check, write_idx_files)
 from helpers import REPO, write_prepared, write_raw_dir
 from stages.common import StageError
 from stages.params import load_params
@@ -46,10 +47,11 @@ def test_a_cpu_smoke_run_measures_training_and_skips_the_cuda_parts(tmp_path, pa
     assert set(results) == {"schema", "commit", "started", "budget_s", "elapsed_s",
                             "environment", "params", "runtime", "data", "cuda_tests", "train",
                             "stage", "benchmark"}
-    assert results["schema"] == 2 and results["params"]["epochs"] == 2
+    assert results["schema"] == 3 and results["params"]["epochs"] == 2
     assert results["commit"] == "abc1234" and results["runtime"]["deterministic"] is True
     assert results["environment"]["device"] == "cpu" and results["environment"]["gpu"] is None
     assert results["environment"]["torch"] == torch.__version__
+    assert results["environment"]["torch_locked"] == "2.14.1"  # requirements.lock's
     assert results["cuda_tests"] == NO_CUDA and results["benchmark"] == NO_CUDA
     assert list(results["train"]) == ["default", "eager", "compiled"]
     runners = {"default": "eager", "eager": "eager", "compiled": "torch.compile"}
@@ -208,9 +210,11 @@ def gpu_results() -> dict:
                 "epoch_s": [first] + [mean] * 14, "test_acc": [98.0] * 14 + [acc],
                 "final_test_acc": acc, "seconds": wall + 2}
     return {
-        "schema": 2, "commit": "abc1234", "budget_s": 480, "elapsed_s": 301.0,
+        "schema": 3, "commit": "abc1234", "started": "2026-12-01T10:00:00+00:00",
+        "budget_s": 480, "elapsed_s": 301.0,
         "environment": {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3",
-                        "torch": "2.11.0+cu130", "cuda": "13.0", "cudnn": 91000,
+                        "torch": "2.14.1+cu130", "torch_locked": "2.14.1",
+                        "torch_matches_lock": True, "cuda": "13.0", "cudnn": 91000,
                         "python": "3.12.3"},
         "params": {"epochs": 15, "compile": "auto", "cuda_graph": "auto"},
         "cuda_tests": {"status": "ok", "passed": 9, "failed": 0, "errors": 0, "skipped": 0,
@@ -228,8 +232,8 @@ def gpu_results() -> dict:
 
 def test_gpu_table_of_a_gpu_run():
     assert gpu_table(gpu_results()) == "\n".join([
-        "NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, CUDA 13.0, commit abc1234; CUDA tests: "
-        "9 passed, 0 failed, 0 skipped.",
+        "NVIDIA H100 80GB HBM3, torch 2.14.1+cu130, CUDA 13.0, measured 2026-12-01 at "
+        "commit abc1234; CUDA tests: 9 passed, 0 failed, 0 skipped.",
         "",
         "| | params.yaml as committed | eager (`cuda_graph` off) | `compile` on |",
         "|---|---:|---:|---:|",
@@ -267,8 +271,10 @@ def test_gpu_table_of_the_first_schema():
     if results.get("schema") != 1:
         pytest.skip("benchmarks/results-gpu.json has been re-measured since")
     lines = gpu_table(results).splitlines()
-    assert lines[0].startswith("NVIDIA H200, torch 2.11.0+cu130, CUDA 13.0, commit not "
-                               "recorded; CUDA tests: 4 passed, 1 failed, 0 skipped.")
+    assert lines[0].startswith("NVIDIA H200, torch 2.11.0+cu130, CUDA 13.0, measured "
+                               "2026-11-29 at commit not recorded, before the CUDA-graph "
+                               "runner, which has not run on a GPU yet; CUDA tests: 4 passed, "
+                               "1 failed, 0 skipped.")
     assert lines[2] == ("| | `compile` auto (then on for CUDA) | `compile` off (eager) |")
     assert lines[4] == "| training steps run by | torch.compile | eager |"
     assert lines[5] == "| wall time, 15 epochs, in process (s) | 64.3 | 38.2 |"
@@ -276,10 +282,37 @@ def test_gpu_table_of_the_first_schema():
 
 
 def test_gpu_summary_is_one_sentence_of_the_runs():
-    from benchmarks.gpu_check import gpu_summary
-
     assert gpu_summary(gpu_results()) == (
-        "NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130), commit abc1234: 15 epochs in process "
-        "took CUDA graphs 5.5 s (99.52 %), eager 40.0 s (99.38 %), torch.compile 75.2 s "
-        "(99.41 %); the train stage as a whole process 11.0 s, two runs bit-identical. "
-        "Details: [docs/performance.md](docs/performance.md#measured).")
+        "NVIDIA H100 80GB HBM3 (torch 2.14.1+cu130), measured 2026-12-01 at commit abc1234: "
+        "15 epochs in process took CUDA graphs 5.5 s (99.52 %), eager 40.0 s (99.38 %), "
+        "torch.compile 75.2 s (99.41 %); the train stage as a whole process 11.0 s, two runs "
+        "bit-identical. Details: [docs/performance.md](docs/performance.md#measured).")
+
+
+def test_the_summary_of_a_check_from_before_the_cuda_graph_runner_says_so():
+    results = gpu_results()
+    del results["environment"]["torch_locked"], results["environment"]["torch_matches_lock"]
+    results.update(schema=1, commit="9ab5c47 (HEAD when the check started)")
+    assert gpu_summary(results).startswith(
+        "NVIDIA H100 80GB HBM3 (torch 2.14.1+cu130), measured 2026-12-01 at commit 9ab5c47 "
+        "(HEAD when the check started), before the CUDA-graph runner, which has not run on "
+        "a GPU yet: 15 epochs in process took ")
+
+
+@pytest.mark.parametrize("pinned, matches", [(torch.__version__.split("+")[0], True),
+                                             ("0.0.1", False), (None, None)])
+def test_the_check_records_the_torch_that_requirements_lock_pins(tmp_path, pinned, matches):
+    lock = tmp_path / "requirements.lock"
+    if pinned:
+        lock.write_text(f"tqdm==4.67.1 \\\n    --hash=sha256:00\ntorch=={pinned} \\\n"
+                        "    --hash=sha256:00\ntorchinfo==1.8.0 \\\n")
+    env = environment(CPU, lock)
+    assert (env["torch"], env["torch_locked"], env["torch_matches_lock"]) == (
+        torch.__version__, pinned, matches)
+
+
+def test_a_torch_other_than_the_locked_one_is_flagged_in_the_table_and_the_summary():
+    results = gpu_results()
+    results["environment"].update(torch="2.11.0+cu130", torch_matches_lock=False)
+    flag = "torch 2.11.0+cu130 (requirements.lock pins 2.14.1: a mismatch)"
+    assert flag in gpu_table(results).splitlines()[0] and flag in gpu_summary(results)

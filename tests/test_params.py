@@ -109,6 +109,47 @@ def test_the_train_stage_refuses_them_before_any_work(tmp_path, line, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
+@pytest.mark.parametrize("value", [2**64 - 1, 2**64, -1])
+def test_bad_calibrate_seed(raw, value):
+    """calibrate also seeds with seed + 1, which torch refuses from 2**64 on."""
+    bad = copy.deepcopy(raw)
+    bad["calibrate"]["seed"] = value
+    with pytest.raises(StageError) as err:
+        parse_params(bad)
+    assert str(err.value) == (f"params.yaml: calibrate.seed = {value!r} is out of range; "
+                              "allowed: an integer in [0, 2**64 - 1): the measurement also "
+                              "uses seed + 1")
+
+
+def test_the_calibrate_stage_refuses_a_seed_it_cannot_add_one_to(raw, tmp_path):
+    """What once ended in an "Overflow when unpacking long long" traceback."""
+    bad = copy.deepcopy(raw)
+    bad["calibrate"]["seed"] = 2**64 - 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+    proc = run_stage("stages.calibrate", "--model", "m.pt", "--data", "d", "--ood", "o.json",
+                     "--metrics", "m.json", cwd=tmp_path)
+    assert assert_one_line_error(proc).startswith(
+        "error: params.yaml: calibrate.seed = 18446744073709551615 is out of range")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.slow
+def test_the_largest_calibrate_seed_is_accepted_by_the_fit_and_the_measurement(
+        raw, mnist, mnist_model):
+    """seed and seed + 1, as the stage uses them, with few images of each kind."""
+    from stages.calibrate import Reader, calibrate, measure
+    from stages.predict import load_model
+
+    big = copy.deepcopy(raw)
+    big["calibrate"].update(seed=2**64 - 2, fitted=500, held_out=100, typed=10, per_kind=5,
+                            drawn=5, steps=5)
+    p = parse_params(big).calibrate
+    reader = Reader(*load_model(mnist_model))
+    calibration = calibrate(reader, mnist["train"], p, "0" * 32)
+    metrics = measure(calibration, reader, mnist["test"][0][:100], p)
+    assert metrics["digits"]["typed"]["images"] == 10
+
+
 def test_the_largest_seed_is_accepted_by_torch(raw):
     from stages.train import new_state
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +18,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from helpers import REPO
+from helpers import CHROMIUM, REPO, needs_chromium
 from stages.common import StageError
 from tools.plots_template import page, vega_bundle
 
-CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser",
-                                                "google-chrome"))), None)
 CONFUSION = [(a, a if a % 4 else (a + 3) % 10) for a in range(10)] * 3  # (actual, predicted)
 
 
@@ -73,8 +70,7 @@ def charts(dom: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium for a real browser "
-                    "(apt-get install chromium); CI installs it")
+@needs_chromium
 def test_dvc_plots_render_offline_in_a_browser(tmp_path):
     repo = plots_repo(tmp_path / "repo")
     dvc("init", "--no-scm", "-q", cwd=repo)

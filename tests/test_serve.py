@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -19,16 +20,14 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, assert_one_line_error, run_stage
-from scripts.page_screenshot import CHROMIUM, answer, browser_page, draw, serving
+from helpers import REPO, assert_one_line_error, needs_chromium, run_stage
+from scripts.page_screenshot import answer, browser_page, draw, serving
 from stages.calibrate import PAGE_PEN, PAGE_SCALE, PAGE_SIDE
 from stages.predict import Prediction, load_predictor, predict_files
-from stages.serve import MAX_BODY
+from stages.serve import MAX_BODY, PageServer
 from stages.synthetic import pen_strokes
 
 pytestmark = pytest.mark.slow
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium for a real "
-                                    "browser (apt-get install chromium); CI installs it")
 N_DIGITS = 60
 
 
@@ -189,6 +188,58 @@ def test_the_server_answers_json_for_a_digit_and_for_each_bad_body(url, mnist):
         assert (status, message in doc.get("error", "")) == (expected, True), (name, doc)
     assert post(url, digit, chunked=True)[0] == 411  # no Content-Length
     assert post(url, digit) == (200, post(url, digit)[1])
+
+
+# Content-Length headers that must be refused before a byte of the body is read: the
+# headers only, and no body; and the status each must get
+BAD_LENGTHS = {
+    "negative": (["-1"], 400),
+    "plus sign": (["+5"], 400),
+    "hex": (["0x10"], 400),
+    "underscore": (["1_0"], 400),
+    "not a number": (["five"], 400),
+    "empty": ([""], 400),
+    "duplicated": (["5", "7"], 400),
+    "duplicated alike": (["5", "5"], 400),
+    "one over the limit": ([str(MAX_BODY + 1)], 413),
+    "huge": (["9" * 30], 413),
+    "more digits than int() takes": (["9" * 5000], 413),
+}
+
+
+@pytest.fixture(scope="module")
+def bare_server():
+    """The page's server in this process, with no model: the answers above come before
+    any prediction, and GET / shows it still serves."""
+    server = PageServer("127.0.0.1", 0, predictor=None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def headers_only_post(port: int, lengths: list[str]) -> tuple[int, dict]:
+    """POST /predict with these Content-Length headers, over a raw socket, sending no
+    body: a server that waits for one times out here."""
+    headers = "".join(f"Content-Length: {value}\r\n" for value in lengths)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+@pytest.mark.parametrize("name", BAD_LENGTHS)
+def test_a_bad_content_length_is_refused_before_the_body_and_the_server_goes_on(
+        bare_server, name):
+    lengths, expected = BAD_LENGTHS[name]
+    port = bare_server.server_address[1]
+    status, doc = headers_only_post(port, lengths)
+    assert status == expected and "\n" not in doc["error"], doc
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/")
+    assert conn.getresponse().status == 200
+    conn.close()
 
 
 def test_a_missing_checkpoint_stops_the_server_before_it_listens(tmp_path):

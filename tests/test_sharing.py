@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clones import init_repo, make, make_env, sh, share, share_a_sweep
-from helpers import assert_one_line_error
+from clones import error_line, flip_bytes, init_repo, make, make_env, sh, share, share_a_sweep
+from helpers import assert_one_line_error, md5
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +61,11 @@ def repo(template, tmp_path) -> Path:
     return Path(shutil.copytree(template, tmp_path / "repo", symlinks=True))
 
 
-def set_remote(repo: Path, url: Path | str, env: dict[str, str]) -> None:
+def set_remote(repo: Path, url: Path | str, env: dict[str, str], verify: bool = True
+               ) -> None:
     sh("dvc", "remote", "add", "--local", "-d", "-f", "shared", str(url), cwd=repo, env=env)
+    if verify:
+        sh("dvc", "remote", "modify", "--local", "shared", "verify", "true", cwd=repo, env=env)
 
 
 def test_setup_adds_the_shared_default_remote_and_keeps_a_chosen_one(repo, tmp_path, env):
@@ -71,6 +74,8 @@ def test_setup_adds_the_shared_default_remote_and_keeps_a_chosen_one(repo, tmp_p
     assert sh("dvc", "remote", "default", cwd=repo, env=env).stdout.strip() == "shared"
     url = sh("dvc", "config", "--local", "remote.shared.url", cwd=repo, env=env).stdout
     assert url.strip() == str(default_remote(env))
+    verify = sh("dvc", "config", "--local", "remote.shared.verify", cwd=repo, env=env).stdout
+    assert verify.strip() == "true"
     assert share("push", repo, env).returncode == 0  # no further configuration
     assert sh("dvc", "status", "--cloud", "--json", cwd=repo, env=env).stdout.strip() == "{}"
 
@@ -128,3 +133,75 @@ def test_push_and_pull_without_a_default_remote_say_to_run_setup(repo, env):
     for command in ("push", "pull"):
         line = assert_one_line_error(share(command, repo, env))
         assert line == "error: no default DVC remote: run `make setup` (docs/sharing.md)"
+
+
+# --- every pull verifies what it downloads ------------------------------------------------
+
+def test_pull_and_exp_pull_refuse_a_remote_that_does_not_verify(repo, tmp_path, env):
+    (tmp_path / "remote").mkdir()
+    set_remote(repo, tmp_path / "remote", env, verify=False)
+    for command, args in (("pull", ()), ("exp-pull", ("origin",))):
+        line = assert_one_line_error(share(command, repo, env, *args))
+        assert line == ("error: DVC remote 'shared' does not verify downloads, so a damaged "
+                        "object there would pass as good: run `dvc remote modify --local "
+                        "shared verify true` (docs/sharing.md)")
+
+
+def test_s3_is_checked_alike_and_a_kind_without_verify_says_so_at_the_pull(capsys):
+    from tools.share import ShareError, check_remote
+
+    with pytest.raises(ShareError, match="^DVC remote 'shared' does not verify downloads"):
+        check_remote("shared", {"url": "s3://bucket/mnist-cnn-dvc"}, write=False)
+    check_remote("shared", {"url": "s3://bucket/mnist-cnn-dvc", "verify": True}, write=False)
+    assert capsys.readouterr().err == ""
+    check_remote("shared", {"url": "hdfs://host/mnist-cnn-dvc"}, write=False)
+    assert capsys.readouterr().err == (
+        "warning: DVC remote 'shared' cannot verify downloads: DVC has no `verify` setting "
+        "for hdfs:// remotes, so a damaged object there would pass as good\n")
+
+
+COPY_STAGE = {"stages": {"copy": {"cmd": "cp word.txt out.txt", "deps": ["word.txt"],
+                                  "outs": ["out.txt"]}}}
+
+
+def test_a_damaged_object_in_a_folder_remote_is_not_delivered_by_pull_or_exp_pull(
+        tmp_path, env):
+    """The commit's out.txt holds "one", experiment e1's "two"; both objects rot on the
+    remote (bytes flipped, size and read-only mode kept)."""
+    origin, remote, a = tmp_path / "origin.git", tmp_path / "remote", tmp_path / "a"
+    sh("git", "init", "-q", "--bare", "-b", "main", str(origin), cwd=tmp_path, env=env)
+    init_repo(a, env)
+    (a / "dvc.yaml").write_text(yaml.safe_dump(COPY_STAGE))
+    (a / "word.txt").write_text("one\n" * 8)
+    remote.mkdir()
+    set_remote(a, remote, env)
+    sh("dvc", "repro", "-q", cwd=a, env=env)
+    sh("git", "add", "-A", cwd=a, env=env)
+    sh("git", "commit", "-qm", "one", cwd=a, env=env)
+    sh("git", "push", "-q", str(origin), "main", cwd=a, env=env)
+    sh("git", "remote", "add", "origin", str(origin), cwd=a, env=env)
+    assert share("push", a, env).returncode == 0
+    (a / "word.txt").write_text("two\n" * 8)
+    sh("dvc", "exp", "run", "-q", "-n", "e1", cwd=a, env=env)
+    assert share("exp-push", a, env, "origin", "e1").returncode == 0
+    damaged = {}
+    for word in ("one", "two"):
+        oid = md5(f"{word}\n".encode() * 8)
+        damaged[word] = flip_bytes(remote / "files" / "md5" / oid[:2] / oid[2:])
+
+    # what plain DVC does without `verify`: the damaged copy arrives as if it were good
+    plain = tmp_path / "plain"
+    sh("git", "clone", "-q", str(origin), str(plain), cwd=tmp_path, env=env)
+    set_remote(plain, remote, env, verify=False)
+    sh("dvc", "exp", "pull", "origin", cwd=plain, env=env)
+    sh("dvc", "exp", "apply", "e1", cwd=plain, env=env)
+    assert (plain / "out.txt").read_bytes() == damaged["two"]
+
+    b = tmp_path / "b"
+    sh("git", "clone", "-q", str(origin), str(b), cwd=tmp_path, env=env)
+    set_remote(b, remote, env)
+    for command, args, lost in (("pull", (), "out.txt"), ("exp-pull", ("origin",), "e1:out.txt")):
+        line = error_line(share(command, b, env, *args))
+        assert line.startswith(f"error: DVC remote 'shared': {lost} not pulled (see above)"), line
+    assert not (b / "out.txt").exists()
+    assert not [p for p in (b / ".dvc" / "cache").rglob("*") if p.is_file()]  # none kept

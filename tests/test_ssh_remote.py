@@ -5,7 +5,8 @@ missing key, and a server that cannot be reached.
 
 Every clone reaches the server through docs/sharing.md's recipe (`add_ssh_remote`).
 HOME is a temp folder and SSH_AUTH_SOCK is unset, so no ~/.ssh key, config or agent
-takes part: DVC's remote settings alone say how to log in.
+takes part: DVC's remote settings alone say how to log in, and HOME's
+~/.ssh/known_hosts, which holds the server's host key, whom to trust.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clones import (AddRemote, UP_TO_DATE, clone, git_clone, init_repo, make, make_env,
-                    make_origin, sh, share_a_sweep)
+from clones import (AddRemote, UP_TO_DATE, clone, error_line, flip_bytes, git_clone,
+                    init_repo, make, make_env, make_origin, sh, share_a_sweep)
 from helpers import md5
 from ssh_server import SshServer, free_port, keygen
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ssh]
 
 REMOTE = "shared"
 # within about 10 s, with room for a busy machine
@@ -40,13 +41,19 @@ BLOBS, BLOB_SIZE = 48, 1024 * 1024  # long enough a push to stop part-way
 UNROUTABLE = "192.0.2.1"  # TEST-NET-1 (RFC 5737): no host has it
 
 
-def ssh_env(root: Path) -> dict[str, str]:
-    """make_env's, with an empty HOME and no SSH agent."""
+def ssh_env(root: Path, server: SshServer) -> dict[str, str]:
+    """make_env's, with no SSH agent and a HOME that holds only ~/.ssh/known_hosts, which
+    trusts SERVER's host key."""
     env = make_env(root)
     env.pop("SSH_AUTH_SOCK", None)
     env["HOME"] = str(root / "home")
-    (root / "home").mkdir(exist_ok=True)
+    known_hosts(env).parent.mkdir(parents=True, exist_ok=True)
+    known_hosts(env).write_text(server.known_hosts_line)
     return env
+
+
+def known_hosts(env: dict[str, str]) -> Path:
+    return Path(env["HOME"]) / ".ssh" / "known_hosts"
 
 
 def modify(repo: Path, env: dict[str, str], key: str, value: object) -> None:
@@ -108,14 +115,6 @@ def drop_outputs(repo: Path) -> None:
         shutil.rmtree(repo / folder, ignore_errors=True)
 
 
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    """The one `error:` line of a failed `make push|pull`."""
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
-
-
 def assert_make_fails_in_one_line(proc: subprocess.CompletedProcess) -> str:
     """tools.share printed one line and exited 1; make adds its own `*** ... Error 1`."""
     lines = proc.stderr.splitlines()
@@ -163,7 +162,7 @@ def team(sshd, tmp_path_factory) -> Team:
     """Clone A pulls the data, runs a short experiment, commits it and `make push`es it,
     all over SSH."""
     root = tmp_path_factory.mktemp("team")
-    env = ssh_env(root)
+    env = ssh_env(root, sshd)
     remote = root / "remote"
     remote.mkdir()
     team = Team(sshd, env, root / "origin.git", remote, root / "a")
@@ -193,9 +192,69 @@ def test_a_model_trained_in_one_clone_is_pulled_in_another_over_ssh(team, tmp_pa
 def test_a_sweep_split_over_two_clones_is_shared_over_ssh(sshd, tmp_path):
     remote = tmp_path / "remote"
     remote.mkdir()
-    share_a_sweep(tmp_path, ssh_env(tmp_path),
+    share_a_sweep(tmp_path, ssh_env(tmp_path, sshd),
                   partial(add_ssh_remote, server=sshd, folder=remote))
     assert objects(remote) and damaged(remote) == []
+
+
+# --- host keys ----------------------------------------------------------------------------
+
+@pytest.fixture
+def small_repo(sshd, tmp_path) -> tuple[Path, dict[str, str]]:
+    """A repo with one small file in DVC, its SSH remote an empty folder, and a HOME
+    whose known_hosts trusts the server."""
+    env = ssh_env(tmp_path, sshd)
+    repo = tmp_path / "repo"
+    init_repo(repo, env)
+    (repo / "data.txt").write_text("data\n")
+    sh("dvc", "add", "-q", "data.txt", cwd=repo, env=env)
+    sh("git", "add", "-A", cwd=repo, env=env)
+    sh("git", "commit", "-qm", "data", cwd=repo, env=env)
+    (tmp_path / "remote").mkdir()
+    add_ssh_remote(repo, env, server=sshd, folder=tmp_path / "remote")
+    make("setup", repo, env)
+    return repo, env
+
+
+def test_a_trusted_host_key_passes_from_known_hosts_or_from_KNOWN_HOSTS(sshd, small_repo,
+                                                                         tmp_path):
+    repo, env = small_repo
+    make("push", repo, env)
+    assert objects(tmp_path / "remote")
+    team_file = tmp_path / "team_known_hosts"  # a file of the team's, named in KNOWN_HOSTS
+    known_hosts(env).rename(team_file)
+    (repo / "data.txt").unlink()
+    shutil.rmtree(repo / ".dvc" / "cache")
+    make("pull", repo, {**env, "KNOWN_HOSTS": str(team_file)})
+    assert (repo / "data.txt").read_text() == "data\n"
+
+
+@pytest.mark.parametrize("case", ["unknown host", "changed key", "changed key in KNOWN_HOSTS"])
+def test_an_unknown_host_or_a_changed_host_key_is_refused_before_dvc_runs(
+        sshd, small_repo, tmp_path, case):
+    """By make push, pull, exp-push and exp-pull alike, in one line that says how to
+    trust the host; nothing is sent or changed, and no client key is offered."""
+    repo, env = small_repo
+    file, port = known_hosts(env), sshd.port
+    if case == "unknown host":
+        file.write_text(sshd.known_hosts_line.replace(f"]:{port} ", f"]:{port + 1} "))
+        says = f"127.0.0.1:{port} is not a known host in {file}: check the server's host key"
+    else:  # a man in the middle has another key than the one trusted
+        if case.endswith("KNOWN_HOSTS"):
+            file = tmp_path / "team_known_hosts"
+            env = {**env, "KNOWN_HOSTS": str(file)}
+        other = keygen(tmp_path / "other_host_key").with_suffix(".pub").read_text()
+        file.write_text(f"[127.0.0.1]:{port} {other}")
+        says = f"the host key of 127.0.0.1:{port} is not the one {file} holds for it"
+    trust = f"`ssh-keyscan -p {port} 127.0.0.1 >> {file}`"
+    logins = (sshd.folder / "sshd.log").read_text().count("Accepted publickey")
+    for command in ("push", "pull", "exp-push", "exp-pull"):
+        before = files(repo)
+        line = assert_make_fails_in_one_line(make(command, repo, env, check=False))
+        assert line.startswith(f"error: DVC remote '{REMOTE}': {says}"), line
+        assert trust in line and files(repo) == before
+    assert not any((tmp_path / "remote").iterdir())
+    assert (sshd.folder / "sshd.log").read_text().count("Accepted publickey") == logins
 
 
 # --- faults ---------------------------------------------------------------------------
@@ -211,7 +270,7 @@ def wait_for_objects(store: Path, count: int, process: subprocess.Popen) -> None
 
 def test_an_interrupted_push_leaves_no_partial_object_and_completes_when_run_again(
         sshd, tmp_path):
-    env = ssh_env(tmp_path)
+    env = ssh_env(tmp_path, sshd)
     remote, origin, repo = tmp_path / "remote", tmp_path / "origin.git", tmp_path / "repo"
     remote.mkdir()
     add_remote = partial(add_ssh_remote, server=sshd, folder=remote)
@@ -252,16 +311,6 @@ def test_an_interrupted_push_leaves_no_partial_object_and_completes_when_run_aga
     make("pull", fresh, env)
     assert files(fresh / "blobs") == files(repo / "blobs")
     assert UP_TO_DATE in sh("dvc", "status", cwd=fresh, env=env).stdout
-
-
-def flip_bytes(path: Path) -> bytes:
-    """Invert 16 bytes in the middle of PATH, keeping its size; return the new content."""
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
-    path.chmod(0o644)
-    path.write_bytes(data)
-    return bytes(data)
 
 
 def test_a_damaged_object_on_the_remote_is_refused_not_delivered(team, tmp_path):

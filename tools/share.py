@@ -1,7 +1,11 @@
-"""`dvc push` and `dvc pull` to the default remote, with a check first and a one-line error.
+"""DVC push and pull, and a sweep's `dvc exp push|pull`, with checks and one-line errors.
 
-    python -m tools.share push [TARGET ...]   # make push
-    python -m tools.share pull [TARGET ...]   # make pull
+All four go through the default DVC remote:
+
+    python -m tools.share push [TARGET ...]                  # make push
+    python -m tools.share pull [TARGET ...]                  # make pull
+    python -m tools.share exp-push GIT_REMOTE [EXPERIMENT ...]  # make exp-push EXP=...
+    python -m tools.share exp-pull GIT_REMOTE [EXPERIMENT ...]  # make exp-pull
 
 DVC's own answers to these mistakes are poor: it creates a missing remote folder on push
 (an unmounted share or a typo fills the local disk instead), reports a folder it cannot
@@ -13,14 +17,21 @@ write as an "unexpected error", and answers a pull of outputs the remote lacks w
   must hold every output asked for, or nothing is pulled and the line says to run
   `dvc repro` instead.
 
+DVC hashes nothing it downloads unless the remote says `verify = true`; without it a
+damaged object on the remote lands in the cache and the workspace as if it were good.
+So every pull (`pull`, `exp-pull`) from a remote that has the setting (a folder, ssh://,
+s3://, ...) is refused without it; for the few kinds that lack it (hdfs://), one line
+says so and the pull goes on. `dvc exp pull` drops a damaged object silently and exits
+0, so after it `exp-pull` looks for each experiment's outputs in the cache.
+
 An ssh:// remote is not checked by DVC until it transfers: a wrong key is an
-"unexpected error" with a support link, and a host that does not answer hangs for
-DVC's default connect timeout, 30 minutes. So before DVC runs, this logs in through
-DVC's own SSH filesystem, with the remote's settings and a 5-second timeout, and the
-remote's folder must exist there. DVC does not verify what it downloads unless the
-remote says `verify = true`, and without it a damaged object on the remote lands in the
-cache and the workspace as if it were good; a pull from an ssh:// remote without it is
-refused. Other remotes (s3://, ...) are not checked.
+"unexpected error" with a support link, a host that does not answer hangs for DVC's
+default connect timeout, 30 minutes, and the server's host key is never checked (DVC
+connects with `known_hosts=None`). So before DVC runs, this logs in through DVC's own
+SSH filesystem, with the remote's settings, a 5-second timeout and the host keys of
+$KNOWN_HOSTS (default ~/.ssh/known_hosts): an unknown host or a changed key is refused
+before any key is offered, and the remote's folder must exist there. Other remotes
+(s3://, ...) are not checked.
 
 Then DVC runs as usual and its exit status is this command's; where a pull fails, one
 last line names the outputs that did not arrive.
@@ -44,6 +55,8 @@ NOWHERE = "missing"
 NOT_IN_CACHE = "not in cache"
 # seconds to connect and log in to an ssh:// remote before DVC runs
 SSH_TIMEOUT = 5
+# the host keys an ssh:// remote's server must have: the file this names, else this
+DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
 
 class ShareError(Exception):
@@ -104,24 +117,60 @@ def is_ssh(url: str) -> bool:
     return urlparse(url).scheme == "ssh"
 
 
-def ssh_filesystem(settings: dict):
+def known_hosts_file() -> Path:
+    """The known_hosts file that an ssh:// remote's server key is checked against."""
+    return Path(os.environ.get("KNOWN_HOSTS") or DEFAULT_KNOWN_HOSTS).expanduser()
+
+
+def read_known_hosts(path: Path):
+    """PATH's host keys, as asyncssh reads them (none where the file is missing)."""
+    import asyncssh
+
+    if not path.is_file():
+        return asyncssh.SSHKnownHosts()
+    try:
+        return asyncssh.read_known_hosts(str(path))
+    except (OSError, ValueError) as err:
+        raise ShareError(f"cannot read the known hosts in {path}: {err}") from None
+
+
+def ssh_filesystem(settings: dict, known_hosts):
     """DVC's filesystem for an ssh:// remote, with SSH_TIMEOUT for connecting and logging
-    in, and the remote's folder on the host. It connects on first use."""
+    in, and the remote's folder on the host. It connects on first use, and checks the
+    server's host key against KNOWN_HOSTS (asyncssh's SSHKnownHosts) before logging in:
+    DVC itself passes `known_hosts=None`, which trusts any key."""
     from dvc.fs import get_cloud_fs
 
     cls, fs_config, path = get_cloud_fs(None, **settings)
-    return cls(**{**fs_config, "timeout": SSH_TIMEOUT}), path
+    fs = cls(**{**fs_config, "timeout": SSH_TIMEOUT})
+    fs.fs_args["known_hosts"] = known_hosts  # the keyword arguments of asyncssh.connect
+    return fs, path
+
+
+def untrusted_host_key(where: str, host: str, port: int, known_hosts, path: Path) -> str:
+    """The one line for a server whose host key PATH does not hold: unknown, or changed."""
+    address = host if port == 22 else f"[{host}]:{port}"
+    trust = f"`ssh-keyscan -p {port} {host} >> {path}`"
+    keys, ca_keys = known_hosts.match(host, "", None if port == 22 else port)[:2]
+    if keys or ca_keys:
+        return (f"{where}: the host key of {host}:{port} is not the one {path} holds for "
+                f"it, so the connection may be intercepted; if the server's key changed, "
+                f"check its new fingerprint, then `ssh-keygen -R '{address}' -f {path}` and "
+                f"{trust}")
+    return (f"{where}: {host}:{port} is not a known host in {path}: check the server's "
+            f"host key fingerprint, then {trust} (docs/sharing.md)")
 
 
 def check_ssh(name: str, settings: dict) -> None:
-    """Log in to an ssh:// remote as DVC will, within SSH_TIMEOUT, and find its folder."""
+    """Log in to an ssh:// remote as DVC will, within SSH_TIMEOUT, after checking its host
+    key, and find its folder."""
     try:
         import asyncssh
     except ImportError:
         raise ShareError("DVC's SSH support is missing: run `make setup` "
                          "(requirements.txt installs dvc[ssh])") from None
     url = urlparse(settings["url"])
-    host, port = url.hostname, settings.get("port") or url.port or 22
+    host, port = url.hostname, int(settings.get("port") or url.port or 22)
     user = settings.get("user") or url.username
     address = f"{host}:{port}"
     login = f"{user}@{address}" if user else address
@@ -130,7 +179,9 @@ def check_ssh(name: str, settings: dict) -> None:
     if keyfile and not Path(keyfile).expanduser().is_file():
         raise ShareError(f"{where}: cannot authenticate to {login}: "
                          f"keyfile {keyfile} does not exist")
-    fs, path = ssh_filesystem(settings)
+    known_path = known_hosts_file()
+    known_hosts = read_known_hosts(known_path)
+    fs, path = ssh_filesystem(settings, known_hosts)
     try:
         found = fs.isdir(path)
     except PermissionError:
@@ -144,6 +195,9 @@ def check_ssh(name: str, settings: dict) -> None:
     except OSError as err:
         reason = os.strerror(err.errno) if err.errno else str(err)
         raise ShareError(f"{where}: cannot connect to {address}: {reason}") from None
+    except asyncssh.HostKeyNotVerifiable:
+        raise ShareError(untrusted_host_key(where, host, port, known_hosts,
+                                            known_path)) from None
     except asyncssh.Error as err:
         raise ShareError(f"{where}: SSH to {login} failed: {err.reason}") from None
     if not found:
@@ -151,9 +205,22 @@ def check_ssh(name: str, settings: dict) -> None:
                          "(create it there; docs/sharing.md)")
 
 
+def can_verify(url: str) -> bool:
+    """Whether DVC's config has `verify` for this kind of remote (all but a few have)."""
+    from dvc.config_schema import REMOTE_SCHEMAS
+
+    schema = REMOTE_SCHEMAS.get(urlparse(url).scheme if not local_folder(url) else "", {})
+    return any(str(key) == "verify" for key in schema)
+
+
 def check_verify(name: str, settings: dict) -> None:
     """A pull from the remote hash-checks each download (see the module's docstring)."""
-    if not settings.get("verify"):
+    if not can_verify(settings["url"]):
+        kind = urlparse(settings["url"]).scheme
+        print(f"warning: DVC remote '{name}' cannot verify downloads: DVC has no `verify` "
+              f"setting for {kind}:// remotes, so a damaged object there would pass as "
+              "good", file=sys.stderr)
+    elif not settings.get("verify"):
         raise ShareError(f"DVC remote '{name}' does not verify downloads, so a damaged "
                          f"object there would pass as good: run `dvc remote modify --local "
                          f"{name} verify true` (docs/sharing.md)")
@@ -161,14 +228,14 @@ def check_verify(name: str, settings: dict) -> None:
 
 def check_remote(name: str, settings: dict, write: bool) -> None:
     """The checks above that apply to this kind of remote."""
+    if not write:
+        check_verify(name, settings)
     folder = local_folder(settings["url"])
     if folder is not None:
         check_folder(name, folder)
         if write:
             check_writable(name, folder)
     elif is_ssh(settings["url"]):
-        if not write:
-            check_verify(name, settings)
         check_ssh(name, settings)
 
 
@@ -213,19 +280,83 @@ def pull(targets: list[str]) -> int:
     code = subprocess.run(["dvc", "pull", *targets]).returncode
     lost = outputs_not_in_cache(targets) if code != 0 else []
     if lost:
-        raise ShareError(f"DVC remote '{name}': {', '.join(lost)} not pulled (see above): "
-                         "the transfer failed, or the copy there does not match its md5; "
-                         "nothing of it was kept (docs/sharing.md#a-damaged-object)")
+        raise not_pulled(name, lost, "the transfer failed")
     return code
 
 
-COMMANDS = {"push": push, "pull": pull}
+def not_pulled(name: str, lost: list[str], why: str) -> ShareError:
+    return ShareError(f"DVC remote '{name}': {', '.join(lost)} not pulled (see above): "
+                      f"{why}, or the copy there does not match its md5; nothing of it "
+                      "was kept (docs/sharing.md#a-damaged-object)")
+
+
+def git_remote_and_names(args: list[str]) -> list[str]:
+    if not args:
+        raise ShareError("name the git remote to share experiments through, and "
+                         "optionally the experiments: `make exp-push EXP=NAME` "
+                         "(docs/sharing.md)")
+    return args
+
+
+def exp_push(args: list[str]) -> int:
+    """`dvc exp push GIT_REMOTE [NAME ...]`: the experiments' git refs, and their outputs
+    to the default DVC remote, after push's checks."""
+    args = git_remote_and_names(args)
+    name, settings = default_remote()
+    check_remote(name, settings, write=True)
+    return subprocess.run(["dvc", "exp", "push", *args]).returncode
+
+
+def exp_pull(args: list[str]) -> int:
+    """`dvc exp pull GIT_REMOTE [NAME ...]` after pull's checks of the remote; then every
+    pulled experiment of this commit must have its outputs in the cache."""
+    args = git_remote_and_names(args)
+    name, settings = default_remote()
+    check_remote(name, settings, write=False)
+    code = subprocess.run(["dvc", "exp", "pull", *args]).returncode
+    lost = experiment_outputs_not_in_cache(args[1:])
+    if lost:
+        raise not_pulled(name, lost, "the remote lacks it, the transfer failed")
+    return code
+
+
+def in_cache(out) -> bool:
+    """A DVC output's object is in the local cache, and for a folder each file's too."""
+    from dvc_data.hashfile.tree import Tree
+
+    cache = out.cache
+    if not cache.exists(out.hash_info.value):
+        return False
+    obj = out.get_obj()
+    return not isinstance(obj, Tree) or all(cache.exists(oid.value) for _, _, oid in obj)
+
+
+def experiment_outputs_not_in_cache(names: list[str]) -> list[str]:
+    """`NAME:PATH` for each cached output of this commit's experiments NAMES (all of them
+    where none) whose objects the local cache lacks."""
+    from dvc.repo import Repo
+
+    lost = []
+    with Repo() as repo:
+        for experiments in repo.experiments.ls().values():
+            for exp_name, rev in experiments:
+                if names and exp_name not in names:
+                    continue
+                for _ in repo.brancher(revs=[rev], workspace=False):
+                    lost += [f"{exp_name}:{out}" for out in repo.index.outs
+                             if out.use_cache and not in_cache(out)]
+    return sorted(lost)
+
+
+COMMANDS = {"push": push, "pull": pull, "exp-push": exp_push, "exp-pull": exp_pull}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("targets", nargs="*", help="stages or outputs (default: all)")
+    parser.add_argument("targets", nargs="*", help="push, pull: stages or outputs "
+                        "(default: all); exp-push, exp-pull: the git remote, then "
+                        "experiments (default: all of this commit's)")
     args = parser.parse_args()
     try:
         code = COMMANDS[args.command](args.targets)

@@ -1,0 +1,102 @@
+"""tests/ci_suites.py: with CI set, a skipped browser or SSH test fails the run, and
+other skips stay skips. Each case runs pytest on a small generated test file, with the
+project's hook in its conftest."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+
+CONFTEST = """\
+import pytest
+from ci_suites import pytest_runtest_makereport  # noqa: F401
+
+@pytest.fixture(scope="session")
+def sshd():
+    pytest.skip("no sshd here")
+"""
+
+TESTS = """\
+import pytest
+
+@pytest.mark.browser
+@pytest.mark.skipif(True, reason="no Chromium here")
+def test_browser_skipped():
+    pass
+
+@pytest.mark.ssh
+def test_ssh_skipped_by_its_fixture(sshd):
+    pass
+
+@pytest.mark.ssh
+def test_ssh_that_runs():
+    pass
+
+@pytest.mark.ssh
+@pytest.mark.xfail(reason="a known failure")
+def test_ssh_expected_to_fail():
+    assert False
+
+@pytest.mark.cuda
+@pytest.mark.skipif(True, reason="no GPU here")
+def test_cuda_skipped():
+    pass
+
+def test_other_skipped():
+    pytest.skip("not here")
+"""
+
+
+def outcomes(tmp_path: Path, ci: str | None) -> tuple[int, dict[str, str]]:
+    """Run the generated tests with CI=ci (unset: None); the exit status and each test's
+    outcome, from pytest's JUnit XML (an XFAIL counts as skipped there)."""
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    (tmp_path / "test_suites.py").write_text(TESTS)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["PYTHONPATH"] = str(REPO / "tests")
+    if ci is not None:
+        env["CI"] = ci
+    report = tmp_path / "report.xml"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                           "-W", "ignore::pytest.PytestUnknownMarkWarning",
+                           f"--junitxml={report}", "test_suites.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    found = {}
+    for case in ET.parse(report).iter("testcase"):
+        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+        found[case.get("name")] = kinds[0] if kinds else "passed"
+        if kinds and kinds[0] in ("failure", "error"):
+            found[case.get("name") + " says"] = case.find(kinds[0]).get("message", "")
+    return proc.returncode, found
+
+
+ANYWHERE = {"test_ssh_that_runs": "passed", "test_ssh_expected_to_fail": "skipped",
+            "test_cuda_skipped": "skipped", "test_other_skipped": "skipped"}
+
+
+@pytest.mark.parametrize("ci", [None, "", "false"])
+def test_outside_ci_the_suites_skip(tmp_path, ci):
+    code, found = outcomes(tmp_path, ci)
+    assert code == 0
+    assert found == {**ANYWHERE, "test_browser_skipped": "skipped",
+                     "test_ssh_skipped_by_its_fixture": "skipped"}
+
+
+@pytest.mark.parametrize("ci", ["true", "1"])
+def test_in_ci_a_skipped_browser_or_ssh_test_fails_with_its_reason(tmp_path, ci):
+    code, found = outcomes(tmp_path, ci)
+    assert code == 1
+    browser, ssh = found.pop("test_browser_skipped says"), found.pop(
+        "test_ssh_skipped_by_its_fixture says")
+    # both skipped in their setup, whose failure JUnit calls an error
+    assert found == {**ANYWHERE, "test_browser_skipped": "error",
+                     "test_ssh_skipped_by_its_fixture": "error"}
+    assert "the browser tests must run in CI" in browser and "no Chromium here" in browser
+    assert "the ssh tests must run in CI" in ssh and "no sshd here" in ssh
