@@ -166,7 +166,7 @@ def test_a_revision_that_lacks_outputs_gets_a_line_each_and_the_rest(clone, monk
                  "digits to compare.",
                  f"head {head} has no `metrics/eval.json`: its metrics show as {docs.DASH}.",
                  f"head {head} has no `{lost[2]}`: its curves are left out.",
-                 f"- `evaluate`: out `metrics/eval.json` deleted"):
+                 "- `evaluate`: out `metrics/eval.json` deleted"):
         assert f"\n{line}\n" in text, line
     assert "## Params (`dvc params diff`)\n\nNo params changed." in text
     assert "(report/curves.png)" in text  # the base's curves alone
