@@ -14,7 +14,7 @@ LOCK := requirements.lock
 STAMP := $(VENV)/.installed-$(shell sha256sum $(LOCK) | cut -c1-16)
 PIP_TOOLS := pip-tools==7.6.2
 JOBS ?= 1
-SEEDS ?= 1-5
+SEEDS ?= 1-10
 # The default DVC remote of a clone that has none: a folder that every clone on this
 # machine shares (docs/sharing.md). Point a clone elsewhere with
 # `dvc remote add --local -d -f shared URL`; setup then leaves it alone.
