@@ -70,6 +70,10 @@ def test_float_params_given_as_integers_become_floats(raw):
     ("cuda_graph", "yes", "is out of range; allowed: auto or on or off"),
     ("seed", 2**64, "is out of range; allowed: an integer in [0, 2**64)"),
     ("seed", -1, "is out of range; allowed: an integer in [0, 2**64)"),
+    ("scale", 0.6, "is out of range; allowed: a share in [0, 0.5]"),
+    ("val_size", -1, "is out of range; allowed: an integer >= 0"),
+    ("val_size", 0.5, "is not an integer"),
+    ("val_seed", 2**64, "is out of range; allowed: an integer in [0, 2**64)"),
 ])
 def test_bad_train_value(raw, key, value, problem):
     bad = copy.deepcopy(raw)

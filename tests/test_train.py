@@ -489,3 +489,15 @@ def test_best_pt_follows_validation_accuracy_not_test_accuracy(tmp_path, params)
     assert summary["best"]["val_epoch"] == val_epoch
     assert summary["best"]["test_epoch"] == test_epoch  # the notebook's measure, kept apart
     assert "60000" not in proc.stdout and "192 train / 64 validation / 64 test" in proc.stdout
+
+
+def test_a_validation_split_as_large_as_the_training_set_is_one_line(tmp_path, prepared):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(epochs=1, val_size=256)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = run_stage("stages.train", "--data", "data/prepared", "--models", "models",
+                     "--live", "metrics/train", cwd=tmp_path)
+    line = assert_one_line_error(proc)
+    assert line == ("error: train.val_size 256 must be between 1 and 255, the 256 training "
+                    "images less one; 0 holds out none")
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
