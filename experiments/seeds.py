@@ -1,10 +1,10 @@
 """The recipe in params.yaml over several seeds, summarised in metrics/seeds.json.
 
-    python -m experiments.seeds run --seeds 1-5 [--jobs 2]   # queue, run, then summarise
-    python -m experiments.seeds summarise --seeds 1-5        # only read what ran
+    python -m experiments.seeds run --seeds 1-10 [--jobs 2]   # queue, run, then summarise
+    python -m experiments.seeds summarise --seeds 1-10 [--baseline REV]  # only read what ran
 
 `run` queues one DVC experiment per seed (`dvc exp run --queue -n seed-N -S
-train.seed=N`) and runs them on JOBS queue workers, one thread each (the runtime.threads
+train.seed=N train`: the train stage only) on HEAD and runs them on JOBS queue workers, one thread each (the runtime.threads
 param). Then it reads each experiment's per-epoch history from its commit and writes
 metrics/seeds.json: each seed's final and best test accuracy and the epoch of the best,
 the minimum, median and mean of the finals, and the params the seeds shared.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.queue import experiment_rev, read_at, run_queued
+from experiments.queue import experiment_rev, output, read_at, run_queued
 from stages.common import StageError, run_cli, write_json
 from stages.history import metric_path, read_metric
 from stages.params import read_yaml, read_yaml_text
@@ -62,12 +62,12 @@ def summarise(results: dict[int, dict], params: dict) -> dict:
     }
 
 
-def read_results(seeds: list[int]) -> tuple[dict[int, dict], dict]:
+def read_results(seeds: list[int], baseline: str = "HEAD") -> tuple[dict[int, dict], dict]:
     """Each seed's result, read from the commit of its experiment, and the params the
     first of them ran with (all share them except the seed; checked)."""
     results, params = {}, None
     for seed in seeds:
-        rev = experiment_rev(f"seed-{seed}")
+        rev = experiment_rev(f"seed-{seed}", baseline)
         results[seed] = seed_result(read_metric(f"{rev[:7]}:{TEST_ACC}", "acc",
                                                 text=read_at(rev, TEST_ACC)))
         # as the stages read it: 1e-4 is a number, not PyYAML's string '1e-4'
@@ -95,16 +95,19 @@ def table(doc: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=("run", "summarise"))
-    parser.add_argument("--seeds", default="1-5", help="e.g. 1-5 or 1,3,7 (default 1-5)")
+    parser.add_argument("--seeds", default="1-10", help="e.g. 1-10 or 1,3,7 (default 1-10)")
+    parser.add_argument("--baseline", default="HEAD", help="the commit the experiments "
+                        "run on (default HEAD, as it is when the command starts)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel queue workers")
     args = parser.parse_args()
     seeds = parse_seeds(args.seeds)
     read_yaml("params.yaml")  # a clear error outside the repository root
     try:
+        baseline = output("git", "rev-parse", args.baseline).strip()
         if args.command == "run":
             run_queued({f"seed-{s}": ["-S", f"train.seed={s}"] for s in seeds}, args.jobs,
                        targets=("train",))
-        results, params = read_results(seeds)
+        results, params = read_results(seeds, baseline)
     except subprocess.CalledProcessError as err:
         raise StageError(f"`{' '.join(err.cmd)}` failed with exit {err.returncode}") from None
     doc = summarise(results, params)
