@@ -51,7 +51,7 @@ def test_the_params_of_a_seed_run_are_read_as_the_stages_read_them(tmp_path, mon
     assert "weight_decay: 1e-4" in text
     history = "step\tacc\ttimestamp\n1\t99.0\t0\n2\t99.5\t0\n"
     files = {"params.yaml": text.replace("seed: 1\n", "seed: 3\n"), seeds.TEST_ACC: history}
-    monkeypatch.setattr(seeds, "experiment_rev", lambda name: "abcdef0123")
+    monkeypatch.setattr(seeds, "experiment_rev", lambda name, baseline: "abcdef0123")
     monkeypatch.setattr(seeds, "read_at", lambda rev, path: files[path])
     results, params = seeds.read_results([3])
     assert results == {3: {"final": 99.5, "best": 99.5, "best_epoch": 2, "epochs": 2}}
