@@ -85,7 +85,7 @@ def table(doc: dict) -> str:
     """seeds.json as the markdown table README shows."""
     rows = ["| seed | final test % | best test % (epoch), selected on test |", "|---|---|---|"]
     rows += [f"| {seed} | {r['final']:.2f} | {r['best']:.2f} ({r['best_epoch']}) |"
-             for seed, r in doc["seeds"].items()]
+             for seed, r in sorted(doc["seeds"].items(), key=lambda item: int(item[0]))]
     f = doc["final"]
     rows.append(f"| **{f['n']} seeds** | min {f['min']:.2f}, median {f['median']:.2f}, "
                 f"mean {f['mean']:.2f} | |")
