@@ -198,8 +198,9 @@ def test_step_notes_hold_target_results_and_analysis(step_repo):
     text = docs.step_notes_block(step_repo)
     assert "### step-1: First" in text and "### step-2: Second" in text
     assert "**Target.** Be first." in text and "**Analysis.** Also." in text
-    assert ("**Results.** Final test accuracy 99.33 % (48 errors), best 99.42 % at epoch 13; "
-            "best train accuracy 99.12 %. A note on the run.") in text
+    assert ("**Results.** Final test accuracy 99.33 % (48 errors); as the notebook measures it, "
+            "selected on test, best 99.42 % at epoch 13; best train accuracy 99.12 %. A note "
+            "on the run.") in text
     assert "The notebook: best train 99.00 %, best test 99.32 % (epoch 13)." in text
     assert "Sets `train.lr=0.01`, `train.dropout=0.1`." in text
 

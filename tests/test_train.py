@@ -264,7 +264,7 @@ def epochs_before_the_step_function(state, data, p, epochs: int) -> list[tuple[f
         loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
         for idx in order.split(p.batch_size):
             x, y = data.x[idx], data.y[idx]
-            x = augment(x, p.rotation, p.translate, data.background, state.generator)
+            x = augment(x, p.rotation, p.translate, data.background, state.generator, p.scale)
             out = state.net(x)
             loss = smoothed_nll(out, y, p.label_smoothing)
             state.optimizer.zero_grad(set_to_none=True)
