@@ -15,7 +15,8 @@ from conftest import QUICK_CHECK
 from stages.calibrate import Reader, framed, measure, table
 from stages.common import StageError, write_json
 from stages.model import Net
-from stages.ood import DigitCheck, activations, file_md5, ink_statistics, load_check, rounded
+from stages.ood import (DigitCheck, activations, features, file_md5, ink_statistics, load_check,
+                        rounded)
 from stages.params import CalibrateParams
 from stages.predict import (NOT_A_DIGIT, format_result, load_model, load_predictor, normalise,
                             predict_files)
@@ -149,7 +150,8 @@ def test_predict_flags_sixteen_bit_noise_but_not_digits(mnist, mnist_model, mnis
     # and the check sees the same digits as predict: one normalisation
     digits = torch.stack([torch.from_numpy(d) for d in framed(mnist["test"][0][:5]).numpy()])
     x = normalise(digits, predictor.mean, predictor.std)
-    assert predictor.check.looks_like_digit(predictor.model, x, digits) == [True] * 5
+    feats = features(predictor.model, x, digits)
+    assert predictor.check.looks_like_digit(feats) == [True] * 5
 
 
 def test_the_check_is_as_deterministic_as_the_model(mnist, mnist_model, mnist_check):
