@@ -1,26 +1,22 @@
 """Find the digit on a sheet: grey levels of any size in, a 28×28 MNIST-style digit out.
 
-Used by predict and serve (through stages/predict.py's read_digit) and by the digit
-check's calibration, so that all three see the same digit. In OpenCV (its headless
-build): each step is one call into compiled code, so that a 1,024-pixel image takes a
-few tens of milliseconds.
+stages/predict.py's read_digit calls it, for predict, the page (stages/serve.py) and
+the digit check's calibration alike. The image steps are OpenCV's (its headless
+build), one call each into compiled code. docs/use.md#photos-of-a-digit-on-paper has
+them in words:
 
-1. Paper up: the image is inverted if most of it is dark (light ink on dark), so that
-   the paper is light and the ink dark.
-2. The paper's own level across the image: a morphological closing (a max, then a min,
-   over a square a third of the shorter side) of the image reduced to about 64 pixels
-   a side, enlarged again. It follows a gradient, a lamp's fall-off and a shadow's
-   soft edge, and skips strokes narrower than the square.
-3. Ink is how much darker than its paper a pixel is, as a share of the paper's level
-   (a stroke in a shadow is as dark, by that measure, as one in the light). Where
-   nothing is MIN_CONTRAST grey levels darker than its paper, the image is blank.
-4. Ruled paper: three or more lines that run across the sheet (a morphological
-   opening with a line a quarter of the image long finds them) are taken out.
-5. The digit: a threshold from the image itself (Otsu's) marks sure ink, and a lower
-   one, above the noise, the ink around it (hysteresis). Of the connected pieces, the
-   one with the most ink (a piece touching the image's edge counts for less: the
-   sheet's edge, a shadow at the border) is the digit, with the pieces near it that
-   hold a share of its ink; specks and far pieces are dropped.
+1. Paper up: inverted if most of the image is dark, so that the paper is light.
+2. The paper's own level at each pixel: a morphological closing (a max, then a min,
+   over a square CLOSING of the shorter side) of a copy reduced to about COARSE pixels
+   a side, enlarged again; nowhere darker than FLOOR of its lightest level.
+3. Ink: how much darker than its paper a pixel is, as a share of the paper's level.
+   Nothing MIN_CONTRAST grey levels darker: blank.
+4. Ruled paper: LINES or more thin lines across the sheet are taken out of what the
+   thresholds see.
+5. The digit: Otsu's threshold marks sure ink, a lower one above the noise the rest
+   (hysteresis); pieces along the edge over half of it (the sheet's edge) are dropped;
+   the piece with the most ink, and the pieces near it with a share of its ink, are
+   the digit.
 6. As MNIST's digits were made: cropped to the ink, the longer side scaled to 20
    pixels (Lanczos), placed in a 28×28 frame with its centre of mass at (14, 14).
 """
@@ -58,13 +54,14 @@ MIN_CONTRAST = 32  # grey levels between the paper and the darkest ink; less is 
 CROP_LEVEL = 26    # of 255: fainter traces of the digit's ink are dropped (10 %)
 COARSE = 64        # pixels a side of the reduced image that the paper's level is read on
 CLOSING = 1 / 3    # the closing's square, as a share of the shorter side
-FLOOR = 1 / 2    # the paper is nowhere darker than this share of its lightest level
+FLOOR = 1 / 2      # the paper is nowhere darker than this share of its lightest level
 LINE = 1 / 4       # a ruled line's test length, as a share of the image's width (height)
 THIN = 1 / 50      # a ruled line is thinner than this share of the image's height (width)
 LINE_LEVEL = 0.04  # a line is at least this share of the darkest ink
 LINE_CAP = 1.5     # a line takes out at most this many times the lines' median level
 LINES = 3          # lines that run across the sheet: so many make it ruled paper
 ACROSS = 1 / 2     # a line runs across the sheet over this share of its width at least
+WANDER = 7         # pixels across that a slanted line may wander over and still be one
 NOISE_SIGMAS = 4   # the lower threshold is at least this many noise σ above the paper
 NEAR = 1 / 2       # a second piece of the digit lies within this share of the first's size
 SHARE = 0.02       # and holds at least this share of its ink
@@ -87,30 +84,29 @@ def paper_level(paper: np.ndarray) -> np.ndarray:
         else closed
 
 
+def _bar(length: int, width: int, horizontal: bool) -> np.ndarray:
+    """A rectangle of ones LENGTH long and WIDTH wide, along rows or along columns."""
+    return np.ones((width, length) if horizontal else (length, width), np.uint8)
+
+
 def ruled_lines(ink: np.ndarray) -> np.ndarray | None:
     """The ink of ruled lines (or squares) that run across the sheet, capped at the
     lines' own level (a digit's straight bar along a line keeps the rest of its ink),
     or None where fewer than LINES lines do in either direction."""
     found = []
-    for along in (1, 0):  # rows (horizontal lines), then columns
-        length = max(3, round(ink.shape[along] * LINE))
-        thick = max(2, round(ink.shape[1 - along] * THIN))
-        kernel = np.ones((1, length) if along == 1 else (length, 1), np.uint8)
-        opened = cv2.morphologyEx(ink, cv2.MORPH_OPEN, kernel)
-        # long and thin: what a band THICK rows wide also holds is a stroke, not a line
-        opened -= cv2.morphologyEx(ink, cv2.MORPH_OPEN, np.ones((thick, length) if along == 1
-                                                                else (length, thick), np.uint8))
+    for axis, horizontal in ((1, True), (0, False)):
+        length = max(3, round(ink.shape[axis] * LINE))
+        thick = max(2, round(ink.shape[1 - axis] * THIN))
+        # long and thin: what a bar THICK wide also holds is a stroke, not a line
+        opened = (cv2.morphologyEx(ink, cv2.MORPH_OPEN, _bar(length, 1, horizontal))
+                  - cv2.morphologyEx(ink, cv2.MORPH_OPEN, _bar(length, thick, horizontal)))
         present = opened > LINE_LEVEL * ink.max()
-        # a slanted line wanders over a few rows: a line is a band of rows that, together,
-        # hold it across the sheet
-        band = cv2.dilate(present.astype(np.uint8), np.ones((7, 1) if along == 1 else (1, 7),
-                                                            np.uint8))
-        across = band.mean(axis=along) >= ACROSS
+        # a slanted line wanders over a few rows: together they hold it across the sheet
+        band = cv2.dilate(present.astype(np.uint8), _bar(1, WANDER, horizontal))
+        across = band.mean(axis=axis) >= ACROSS
         if np.count_nonzero(np.diff(across.astype(np.int8), prepend=0) == 1) >= LINES:
             found.append(np.minimum(opened, LINE_CAP * np.median(opened[present])))
-    if not found:
-        return None
-    return np.maximum.reduce(found) if len(found) > 1 else found[0]
+    return np.maximum.reduce(found) if found else None
 
 
 def otsu(values: np.ndarray, top: float) -> float:
@@ -191,6 +187,8 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     beyond = frame.frame_like()[frame.labels]
     if (faint & ~beyond).any():  # the sheet's edge, unless it is all there is
         smooth = np.where(beyond, 0, smooth)
+    if (smooth * level).max() < MIN_CONTRAST:  # nothing but ruled lines
+        raise StageError("no ink: the image is blank or nearly so")
     top = float(smooth.max())
     sure = smooth > max(otsu(smooth, top), CROP_LEVEL / 255 * top)
     mask = digit_pieces(smooth, sure, max(CROP_LEVEL / 255 * top, noise))

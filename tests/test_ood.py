@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import QUICK_CHECK
-from stages.calibrate import Reader, framed, measure, table
+from stages.calibrate import Reader, framed, measure, photo_table, table
 from stages.common import StageError, write_json
 from stages.model import Net
 from stages.ood import (DigitCheck, activations, features, file_md5, ink_statistics, load_check,
@@ -20,6 +20,7 @@ from stages.ood import (DigitCheck, activations, features, file_md5, ink_statist
 from stages.params import CalibrateParams
 from stages.predict import (NOT_A_DIGIT, format_result, load_model, load_predictor, normalise,
                             predict_files)
+from stages.photos import DEGRADATIONS, NON_DIGITS
 from stages.synthetic import KINDS, drawn, make, pen_strokes
 
 
@@ -116,7 +117,7 @@ def test_the_check_flags_non_digits_and_passes_digits(mnist, mnist_model, mnist_
     _, calibration = mnist_check
     reader = Reader(*load_model(mnist_model))
     p = CalibrateParams(**QUICK_CHECK)
-    metrics = measure(calibration, reader, mnist["test"][0][:3000], p)
+    metrics = measure(calibration, reader, (mnist["test"][0][:3000], mnist["test"][1][:3000]), p)
     # the threshold flags the share it was set to, of the held-out training digits
     assert metrics["held_out_flagged"] <= 2 * 100 * p.false_flags
     digits, others = metrics["digits"], metrics["non_digits"]
@@ -127,8 +128,17 @@ def test_the_check_flags_non_digits_and_passes_digits(mnist, mnist_model, mnist_
     assert others["noise"]["flagged"] >= 95.0
     # the simpler scores leave most noise as a digit: the check is not one of them
     assert max(others["noise"]["simpler"].values()) < others["noise"]["detected"]
+    # photos of test digits: read about as well as on a clean sheet, and few flagged
+    photos = metrics["photos"]
+    assert set(photos) == {"clean", *DEGRADATIONS, "all"}
+    assert photos["all"]["accuracy"] >= photos["clean"]["accuracy"] - 10, photos["all"]
+    assert photos["all"]["detected"] <= 15.0, photos["all"]
+    assert min(others[f"photo_{kind}"]["detected"] for kind in NON_DIGITS) >= 80.0, others
     lines = table(metrics).splitlines()
-    assert len(lines) == 2 + 3 + len(KINDS) + 1 and lines[-1].startswith("| all non-digits |")
+    assert len(lines) == 2 + 3 + len(KINDS) + len(NON_DIGITS) + 1
+    assert lines[-1].startswith("| all non-digits |")
+    lines = photo_table(metrics).splitlines()
+    assert len(lines) == 2 + 2 + 1 + len(DEGRADATIONS) + 1 and "**all of these" in lines[-1]
 
 
 def test_predict_flags_sixteen_bit_noise_but_not_digits(mnist, mnist_model, mnist_check,
@@ -158,7 +168,8 @@ def test_the_check_is_as_deterministic_as_the_model(mnist, mnist_model, mnist_ch
     """Fitting again gives the same file, byte for byte: dvc repro leaves git clean."""
     from stages.calibrate import calibrate
 
-    p = CalibrateParams(**{**QUICK_CHECK, "fitted": 1000, "held_out": 500, "steps": 50})
+    p = CalibrateParams(**{**QUICK_CHECK, "fitted": 1000, "held_out": 500, "steps": 50,
+                           "photos": 50, "photo_others": 10})
     reader = Reader(*load_model(mnist_model))
     first, again = (calibrate(reader, mnist["train"], p, file_md5(mnist_model)).check.to_json()
                     for _ in range(2))
