@@ -1,16 +1,19 @@
 """Calibrate: fit the digit check (stages/ood.py) for the trained model, and measure it.
 
 Reads:  MODEL (models/model.pt); DATA/train.pt to fit the check and set its threshold;
-        DATA/test.pt only to measure it; images that stages/synthetic.py makes.
+        DATA/test.pt only to measure it; images that stages/synthetic.py and
+        stages/photos.py make.
 Writes: OOD (models/ood.json), the check that predict and serve read; METRICS
         (metrics/ood.json): the share of MNIST test digits, typed and pen-drawn digits,
-        and of each kind of non-digit that it flags, and what three simpler scores
-        flag at the same threshold share.
+        photos of test digits under each degradation, and of each kind of non-digit
+        (drawn or photographed) that it flags, what three simpler scores flag at the
+        same threshold share, and how many of the test digits the model reads right.
 Params: calibrate.* (params.yaml), runtime.
 
-The fit uses FITTED MNIST training digits, typed digits and non-digits from `seed`;
-the threshold is the score that a share FALSE_FLAGS of HELD_OUT other training digits
-exceeds. Measuring uses the test split and images from `seed + 1`.
+The fit uses FITTED MNIST training digits (PHOTOS of them also photographed), typed
+digits and non-digits from `seed`; the threshold is the score that a share FALSE_FLAGS
+of HELD_OUT other training digits exceeds. Measuring uses the test split and images
+from `seed + 1`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ them in words:
 4. Ruled paper: LINES or more thin lines across the sheet are taken out of what the
    thresholds see.
 5. The digit: Otsu's threshold marks sure ink, a lower one above the noise the rest
-   (hysteresis); pieces along the edge over half of it (the sheet's edge) are dropped;
+   (hysteresis); pieces along half a side or more (the sheet's edge) are dropped;
    the piece with the most ink, and the pieces near it with a share of its ink, are
    the digit.
 6. As MNIST's digits were made: cropped to the ink, the longer side scaled to 20
@@ -64,8 +64,10 @@ ACROSS = 1 / 2     # a line runs across the sheet over this share of its width a
 WANDER = 7         # pixels across that a slanted line may wander over and still be one
 NOISE_SIGMAS = 4   # the lower threshold is at least this many noise σ above the paper
 NEAR = 1 / 2       # a second piece of the digit lies within this share of the first's size
-SHARE = 0.02       # and holds at least this share of its ink
+SHARE = 0.005      # and holds at least this share of its ink
+ALONG = 1 / 2      # a piece along this share of a side, or more, is the sheet's edge
 EDGE_WEIGHT = 0.3  # a piece touching the image's edge counts this much of its ink
+SAMPLE = 128       # pixels a side, at least, that medians are taken over
 BLUR = 1 / 480     # σ of the smoothing that thresholds see, as a share of the shorter side
 
 
@@ -141,10 +143,14 @@ class Pieces:
         return cls(labels, x, y, w, h, mass, edge)
 
     def frame_like(self) -> np.ndarray:
-        """Pieces along the image's edge over half its width or height: the sheet's edge
-        and the desk beyond it, a shadow at the border."""
-        rows, cols = self.labels.shape
-        return self.edge & ((self.w >= cols / 2) | (self.h >= rows / 2))
+        """Pieces that lie along half of one of the image's sides or more: the sheet's
+        edge and the desk beyond it, a shadow at the border (a digit that runs into the
+        side touches it with a stroke's end)."""
+        sides = (self.labels[0], self.labels[-1], self.labels[:, 0], self.labels[:, -1])
+        along = np.max([np.bincount(side, minlength=len(self.mass)) / len(side)
+                        for side in sides], axis=0)
+        along[0] = 0  # the paper
+        return along >= ALONG
 
 
 def digit_pieces(ink: np.ndarray, sure: np.ndarray, low: float) -> np.ndarray:
@@ -161,7 +167,7 @@ def digit_pieces(ink: np.ndarray, sure: np.ndarray, low: float) -> np.ndarray:
     reach = NEAR * max(p.w[main], p.h[main])
     near = ((p.x + p.w >= p.x[main] - reach) & (p.x <= p.x[main] + p.w[main] + reach)
             & (p.y + p.h >= p.y[main] - reach) & (p.y <= p.y[main] + p.h[main] + reach))
-    keep = seeded & near & (p.mass >= SHARE * p.mass[main]) & (~p.edge | p.edge[main])
+    keep = seeded & near & (p.mass >= SHARE * p.mass[main])
     keep[main] = True
     return keep[p.labels]
 
@@ -169,7 +175,8 @@ def digit_pieces(ink: np.ndarray, sure: np.ndarray, low: float) -> np.ndarray:
 def to_mnist(grey: np.ndarray) -> np.ndarray:
     """A 28×28 uint8 digit, white ink on black, from grey levels of any size."""
     grey = np.asarray(grey, np.float32)
-    paper = grey if np.median(grey) >= 128 else 255 - grey  # light paper, dark ink
+    step = max(1, min(grey.shape) // SAMPLE)  # medians of a sample of pixels are as good
+    paper = grey if np.median(grey[::step, ::step]) >= 128 else 255 - grey  # light paper
     level = paper_level(paper)
     darker = np.clip(level - paper, 0, None)
     sigma = min(paper.shape) * BLUR
@@ -180,7 +187,8 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     lines = ruled_lines(smooth)
     if lines is not None:  # out of what the thresholds see; the digit keeps its own ink
         smooth = np.clip(smooth - lines, 0, None)
-    spread = np.median(np.abs(smooth - np.median(smooth)))  # the paper's noise, robustly
+    sample = smooth[::step, ::step]
+    spread = np.median(np.abs(sample - np.median(sample)))  # the paper's noise, robustly
     noise = NOISE_SIGMAS * 1.4826 * float(spread)
     faint = smooth > max(CROP_LEVEL / 255 * float(smooth.max()), noise)
     frame = Pieces.of(smooth, faint)
