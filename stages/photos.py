@@ -57,6 +57,13 @@ def _seeded(seed: list[int], part: str) -> np.random.Generator:
     return np.random.default_rng([*seed, 1 + (["layout", *DEGRADATIONS].index(part))])
 
 
+def _grid(frame: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of FRAME as float32, a column (rows, 1) and a row (1, cols)
+    that broadcast against each other."""
+    ys, xs = np.ogrid[0:frame[0], 0:frame[1]]
+    return ys.astype(np.float32), xs.astype(np.float32)
+
+
 def _placed(ink: np.ndarray, frame: tuple[int, int], height: float,
             rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Ink coverage INK (0-1, any size) scaled to HEIGHT × the frame's height (bicubic),
@@ -84,7 +91,7 @@ def _desk(frame: tuple[int, int], box: tuple[int, int, int, int],
     side = max(margins, key=margins.get)
     across = rows if side in ("top", "bottom") else cols
     depth = min(margins[side] * rng.uniform(0.5, 0.9), across / 5)
-    ys, xs = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    ys, xs = _grid(frame)
     slant = math.tan(math.radians(rng.uniform(-3, 3)))
     if side in ("top", "bottom"):
         inward = ys if side == "top" else rows - 1 - ys
@@ -100,11 +107,12 @@ def _lines(frame: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     spacing = rows / rng.uniform(8, 16)
     width = rng.uniform(1.0, 3.0)
     angle = math.radians(rng.uniform(-0.4, 0.4))
-    ys, xs = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    ys, xs = _grid(frame)
 
     def ruling(t: np.ndarray) -> np.ndarray:
-        distance = np.abs((t - rng.uniform(0, spacing)) % spacing - spacing / 2) - spacing / 2
-        return np.clip(width / 2 + 0.5 + distance, 0, 1)  # 1 on the line, anti-aliased
+        u = (t - rng.uniform(0, spacing)) / spacing
+        distance = np.abs(u - np.rint(u)) * spacing  # to the nearest line
+        return np.clip(width / 2 + 0.5 - distance, 0, 1)  # 1 on the line, anti-aliased
 
     cover = ruling(ys * math.cos(angle) - xs * math.sin(angle))
     if rng.random() < 0.5:
@@ -117,7 +125,7 @@ def _light(frame: tuple[int, int], paper: float, rng: np.random.Generator) -> np
     and a soft-edged shadow over part of the frame, together taking the paper down by
     up to MAX_SHADOW grey levels."""
     rows, cols = frame
-    ys, xs = np.mgrid[0:rows, 0:cols].astype(np.float32) / max(frame)
+    ys, xs = (v / max(frame) for v in _grid(frame))
     angle = rng.uniform(0, 2 * math.pi)
     t = xs * math.cos(angle) + ys * math.sin(angle)
     t = (t - t.min()) / (t.max() - t.min())

@@ -95,19 +95,25 @@ def ruled_lines(ink: np.ndarray) -> np.ndarray | None:
     """The ink of ruled lines (or squares) that run across the sheet, capped at the
     lines' own level (a digit's straight bar along a line keeps the rest of its ink),
     or None where fewer than LINES lines do in either direction."""
+    def across(opened: np.ndarray, axis: int, horizontal: bool) -> bool:
+        """Whether LINES or more lines in OPENED run across the sheet. A slanted line
+        wanders over a few rows: together they hold it across."""
+        present = (opened > LINE_LEVEL * ink.max()).astype(np.uint8)
+        band = cv2.dilate(present, _bar(1, WANDER, horizontal)).mean(axis=axis) >= ACROSS
+        return np.count_nonzero(np.diff(band.astype(np.int8), prepend=0) == 1) >= LINES
+
     found = []
     for axis, horizontal in ((1, True), (0, False)):
         length = max(3, round(ink.shape[axis] * LINE))
-        thick = max(2, round(ink.shape[1 - axis] * THIN))
+        opened = cv2.morphologyEx(ink, cv2.MORPH_OPEN, _bar(length, 1, horizontal))
+        if not across(opened, axis, horizontal):  # no lines, thin or thick: most images
+            continue
         # long and thin: what a bar THICK wide also holds is a stroke, not a line
-        opened = (cv2.morphologyEx(ink, cv2.MORPH_OPEN, _bar(length, 1, horizontal))
-                  - cv2.morphologyEx(ink, cv2.MORPH_OPEN, _bar(length, thick, horizontal)))
-        present = opened > LINE_LEVEL * ink.max()
-        # a slanted line wanders over a few rows: together they hold it across the sheet
-        band = cv2.dilate(present.astype(np.uint8), _bar(1, WANDER, horizontal))
-        across = band.mean(axis=axis) >= ACROSS
-        if np.count_nonzero(np.diff(across.astype(np.int8), prepend=0) == 1) >= LINES:
-            found.append(np.minimum(opened, LINE_CAP * np.median(opened[present])))
+        thick = max(2, round(ink.shape[1 - axis] * THIN))
+        opened -= cv2.morphologyEx(ink, cv2.MORPH_OPEN, _bar(length, thick, horizontal))
+        if across(opened, axis, horizontal):
+            level = np.median(opened[opened > LINE_LEVEL * ink.max()])
+            found.append(np.minimum(opened, LINE_CAP * level))
     return np.maximum.reduce(found) if found else None
 
 
