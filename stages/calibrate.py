@@ -34,8 +34,8 @@ from stages.ood import N_INK, N_LOGITS, DigitCheck, features, file_md5, fit, log
 from stages.params import CalibrateParams, load_params
 from stages.runtime import apply as apply_runtime
 from stages.predict import load_model, normalise, read_digit, to_mnist
-from stages.photos import (DEGRADATIONS, NON_DIGITS, non_digit_photos, photograph,
-                           some_degradations)
+from stages.photos import (DEGRADATIONS, NON_DIGITS, lamp_photo, non_digit_photos,
+                           photograph, some_degradations)
 from stages.synthetic import KINDS, drawn, make, pen_strokes, typed_digits
 
 PAGE_SCALE, PAGE_PEN, PAGE_SIDE = 10, 16, 280  # the page's canvas: stages/page/page.js
@@ -233,6 +233,9 @@ def measure(calibration: Calibration, reader: Reader, test: tuple[torch.Tensor, 
     picked = evenly(p.photo_sets, len(images))
     photos = {name: reader.files(photo_set(images[picked], seed, degradations), labels[picked])
               for name, degradations in PHOTO_SETS.items()}
+    photos["lamp"] = reader.files((lamp_photo(digit / 255, [seed, i])
+                                   for i, digit in enumerate(images[picked].numpy())),
+                                  labels[picked])
     others = {kind: reader.images(make(kind, p.per_kind, seed)) for kind in KINDS}
     others |= {f"photo_{kind}": reader.files(non_digit_photos(kind, p.photo_others, seed))
                for kind in NON_DIGITS}
@@ -273,7 +276,9 @@ ROWS = {"mnist_test": "MNIST test digits", "typed": "digits typed in Pillow's fo
         "drawn": "MNIST test digits drawn with the page's pen"}
 PHOTO_ROWS = {"clean": "photographed: a clean sheet, nothing else",
               **{name: f"photographed: {what}" for name, what in DEGRADATIONS.items()},
-              "all": "photographed: **all of these together**"}
+              "all": "photographed: **all of these together**",
+              "lamp": "another generator, never fitted on: a 600×600 sheet under a desk lamp "
+                      "(up to 70 grey levels), noise σ 6, blur 1.2 px, JPEG 80"}
 KIND_NAMES = {f"photo_{kind}": f"photo of {what}" for kind, what in NON_DIGITS.items()}
 
 

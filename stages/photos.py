@@ -228,3 +228,26 @@ def non_digit_photos(kind: str, n: int, seed: int) -> list[bytes]:
         photos.append(photograph(non_digit(kind, rng), [seed, number, i],
                                  frozenset(degradations)))
     return photos
+
+
+def lamp_photo(ink: np.ndarray, seed: list[int]) -> bytes:
+    """Another generator, never fitted on: the photo that issue 27 describes. INK
+    written dark on a light 600×600 sheet, off-centre; a desk lamp's light falling off
+    from a point near the sheet by up to 70 grey levels; sensor noise of σ 6, a blur of
+    1.2 pixels, and JPEG at quality 80."""
+    rng = np.random.default_rng([*seed, 99])
+    side, paper, pen = 600, rng.uniform(215, 240), rng.uniform(20, 60)
+    height = rng.uniform(0.3, 0.5)
+    cover, _ = _placed(ink, (side, side), height, rng)
+    grey = paper + (pen - paper) * cover
+    ys, xs = _grid((side, side))
+    lamp = rng.uniform(-0.5, 1.5, 2) * side  # where the light is brightest
+    falloff = np.hypot(ys - lamp[0], xs - lamp[1])
+    grey -= 70 * (falloff / falloff.max()) * paper / 255
+    blurred = Image.fromarray(np.clip(grey, 0, 255).round().astype(np.uint8))
+    grey = np.array(blurred.filter(ImageFilter.GaussianBlur(1.2)), np.float32)
+    grey += 6 * rng.standard_normal((side, side), dtype=np.float32)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(grey, 0, 255).round().astype(np.uint8)).save(buffer, format="JPEG",
+                                                                        quality=80)
+    return buffer.getvalue()

@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from stages.calibrate import Reader, photo_set, read_files
@@ -16,7 +17,7 @@ from stages.photos import DEGRADATIONS, NON_DIGITS, non_digit_photos, photograph
 from stages.predict import load_model, read_digit
 
 SETS = [*DEGRADATIONS, "all"]
-N_SAME = 20     # digits whose photos are compared with the clean photo's digit
+N_SAME = 16     # digits whose photos are compared with the clean photo's digit
 N_READ = 100    # digits whose photos the model reads
 SEED = 5
 
@@ -50,14 +51,21 @@ def test_a_photo_stored_sideways_is_turned_upright():
     assert upright.shape == clean.shape and np.abs(upright - clean).max() <= 1
 
 
+@pytest.fixture(scope="module")
+def clean_digits(mnist) -> torch.Tensor:
+    """The 28×28 digits read from the first N_SAME test digits on clean sheets."""
+    clean, read, _ = read_files(photo_set(mnist["test"][0][:N_SAME], SEED, frozenset()))
+    assert read == list(range(N_SAME))
+    return clean
+
+
 @pytest.mark.parametrize("name", SETS)
-def test_each_degradation_leaves_the_digit_as_on_a_clean_sheet(mnist, name):
+def test_each_degradation_leaves_the_digit_as_on_a_clean_sheet(mnist, clean_digits, name):
     """The 28×28 digit read from a degraded photo is close to the one read from the same
     digit on the same sheet, photographed clean."""
-    images = mnist["test"][0][:N_SAME]
-    clean, read, _ = read_files(photo_set(images, SEED, frozenset()))
-    degraded, read_too, _ = read_files(photo_set(images, SEED, degradations(name)))
-    assert read == read_too == list(range(N_SAME)), f"refused: {set(range(N_SAME)) - set(read_too)}"
+    images, clean = mnist["test"][0][:N_SAME], clean_digits
+    degraded, read, _ = read_files(photo_set(images, SEED, degradations(name)))
+    assert read == list(range(N_SAME)), f"refused: {set(range(N_SAME)) - set(read)}"
     difference = np.abs(degraded.numpy().astype(int) - clean.numpy()).mean(axis=(1, 2))
     # blur and JPEG change the edges a little; a shadow taken for ink, a ruled line or
     # the desk moves and shrinks the whole digit (about 40 grey levels)
