@@ -9,10 +9,10 @@ Writes: one line per file to stdout: the digit, its probability and the runner-u
 Params: none (the normalisation statistics come from the checkpoint).
 
 Each image is turned upright as its EXIF orientation says, reduced in Pillow to at
-most WORK_SIDE pixels a side, and made into a digit as MNIST's were: grey levels,
-inverted if the background is light, cropped to the ink, the longer side scaled to 20
-pixels, and placed in a 28×28 frame with its centre of mass at the centre. The server
-(stages/serve.py) reads images through the same functions.
+most WORK_SIDE pixels a side, and made into grey levels; stages/sheet.py finds the
+digit on it (a scan, a drawing, or a photo of a sheet in uneven light, on ruled paper)
+and frames it as MNIST's digits were. The server (stages/serve.py) reads images
+through the same functions.
 """
 
 from __future__ import annotations

@@ -86,6 +86,7 @@ def clean_sheets(mnist, reader):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the first may wait for the session's model and check
 @pytest.mark.parametrize("name", SETS)
 def test_photographed_digits_are_read_as_well_as_clean_ones(mnist, reader, mnist_check,
                                                             clean_sheets, name):

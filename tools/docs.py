@@ -351,7 +351,13 @@ def photos_block(root: Path) -> str:
     """Digits as they are, drawn and photographed: read right, refused and flagged."""
     from stages.calibrate import photo_table
 
-    return calibrate_block(root, photo_table)
+    def render(metrics: dict) -> str:
+        if "photos" not in metrics:  # written before the stage measured photos
+            return ("No measurements of photos yet: `metrics/ood.json` predates them; run "
+                    "`dvc repro calibrate`, then `python -m tools.docs`.")
+        return photo_table(metrics)
+
+    return calibrate_block(root, render)
 
 
 # the blocks read from git's history, which a shallow clone lacks: the step commits,
