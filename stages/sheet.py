@@ -5,7 +5,8 @@ the digit check's calibration alike. The image steps are OpenCV's (its headless
 build), one call each into compiled code. docs/use.md#photos-of-a-digit-on-paper has
 them in words:
 
-1. Paper up: inverted if most of the image is dark, so that the paper is light.
+1. Paper up: inverted if its border and most of it are dark, so that the paper is
+   light.
 2. The paper's own level at each pixel: a morphological closing (a max, then a min,
    over a square CLOSING of the shorter side) of a copy reduced to about COARSE pixels
    a side, enlarged again; nowhere darker than FLOOR of its lightest level.
@@ -182,7 +183,11 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     """A 28×28 uint8 digit, white ink on black, from grey levels of any size."""
     grey = np.asarray(grey, np.float32)
     step = max(1, min(grey.shape) // SAMPLE)  # medians of a sample of pixels are as good
-    paper = grey if np.median(grey[::step, ::step]) >= 128 else 255 - grey  # light paper
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    # light on dark only where the border and most of the image are dark: a desk along
+    # the border of a sheet, or a scribble over most of the paper, leave the paper light
+    light = np.median(border) >= 128 or np.median(grey[::step, ::step]) >= 128
+    paper = grey if light else 255 - grey
     level = paper_level(paper)
     darker = np.clip(level - paper, 0, None)
     sigma = min(paper.shape) * BLUR
