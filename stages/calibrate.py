@@ -1,16 +1,19 @@
 """Calibrate: fit the digit check (stages/ood.py) for the trained model, and measure it.
 
 Reads:  MODEL (models/model.pt); DATA/train.pt to fit the check and set its threshold;
-        DATA/test.pt only to measure it; images that stages/synthetic.py makes.
+        DATA/test.pt only to measure it; images that stages/synthetic.py and
+        stages/photos.py make.
 Writes: OOD (models/ood.json), the check that predict and serve read; METRICS
         (metrics/ood.json): the share of MNIST test digits, typed and pen-drawn digits,
-        and of each kind of non-digit that it flags, and what three simpler scores
-        flag at the same threshold share.
+        photos of test digits under each degradation, and of each kind of non-digit
+        (drawn or photographed) that it flags, what three simpler scores flag at the
+        same threshold share, and how many of the test digits the model reads right.
 Params: calibrate.* (params.yaml), runtime.
 
-The fit uses FITTED MNIST training digits, typed digits and non-digits from `seed`;
-the threshold is the score that a share FALSE_FLAGS of HELD_OUT other training digits
-exceeds. Measuring uses the test split and images from `seed + 1`.
+The fit uses FITTED MNIST training digits (PHOTOS of them also photographed), typed
+digits and non-digits from `seed`; the threshold is the score that a share FALSE_FLAGS
+of HELD_OUT other training digits exceeds. Measuring uses the test split and images
+from `seed + 1`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import io
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -26,28 +30,37 @@ from PIL import Image
 
 from stages.common import StageError, run_cli, write_json
 from stages.data import load_split
-from stages.ood import N_INK, N_LOGITS, DigitCheck, features, file_md5, fit, rounded
+from stages.ood import N_INK, N_LOGITS, DigitCheck, features, file_md5, fit, logits_of, rounded
 from stages.params import CalibrateParams, load_params
 from stages.runtime import apply as apply_runtime
 from stages.predict import load_model, normalise, read_digit, to_mnist
+from stages.photos import (DEGRADATIONS, NON_DIGITS, lamp_photo, non_digit_photos,
+                           photograph, some_degradations)
 from stages.synthetic import KINDS, drawn, make, pen_strokes, typed_digits
 
 PAGE_SCALE, PAGE_PEN, PAGE_SIDE = 10, 16, 280  # the page's canvas: stages/page/page.js
 METRICS = Path("metrics/ood.json")
 
 
-def as_files(images: list[Image.Image]) -> tuple[torch.Tensor, int]:
-    """IMAGES saved as PNG files and read back as predict reads a file: uint8 digits
-    (N, 28, 28), and how many were refused (blank, or no ink worth the name)."""
-    digits, refused = [], 0
-    for image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", compress_level=1)
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def read_files(files: Iterable[bytes]) -> tuple[torch.Tensor, list[int], int]:
+    """Image FILES read as predict reads a file: uint8 digits (N, 28, 28) of those read,
+    their indices in FILES, and how many files there were in all (the others were
+    refused: blank, or no ink worth the name)."""
+    digits, read, total = [], [], 0
+    for i, data in enumerate(files):
+        total += 1
         try:
-            digits.append(torch.from_numpy(read_digit(buffer.getvalue())))
+            digits.append(torch.from_numpy(read_digit(data)))
+            read.append(i)
         except StageError:
-            refused += 1
-    return (torch.stack(digits) if digits else torch.zeros(0, 28, 28, dtype=torch.uint8)), refused
+            pass
+    return (torch.stack(digits) if digits else torch.zeros(0, 28, 28, dtype=torch.uint8)), read, total
 
 
 def framed(images: torch.Tensor) -> torch.Tensor:
@@ -57,15 +70,23 @@ def framed(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Group:
-    """Images of one kind as the check sees them: features of those that were read, and
-    how many in all."""
+    """Images of one kind as the check sees them: features of those that were read, how
+    many in all, and, for digits, the labels of those read."""
 
     feats: torch.Tensor
     total: int
+    labels: torch.Tensor | None = None
 
     @property
     def refused(self) -> int:
         return self.total - len(self.feats)
+
+    @property
+    def correct(self) -> int:
+        """Digits read as their label (a refused one is not)."""
+        if not len(self.feats):
+            return 0
+        return int((logits_of(self.feats).argmax(dim=1) == self.labels).sum())
 
 
 class Reader:
@@ -74,14 +95,34 @@ class Reader:
     def __init__(self, model: torch.nn.Module, mean: float, std: float):
         self.model, self.mean, self.std = model, mean, std
 
-    def digits(self, digits: torch.Tensor, total: int | None = None) -> Group:
+    def digits(self, digits: torch.Tensor, labels: torch.Tensor | None = None,
+               total: int | None = None) -> Group:
         x = normalise(digits, self.mean, self.std)
         feats = features(self.model, x, digits) if len(digits) else torch.zeros(0, 0)
-        return Group(feats, len(digits) if total is None else total)
+        return Group(feats, len(digits) if total is None else total, labels)
 
-    def images(self, images: list[Image.Image]) -> Group:
-        digits, _ = as_files(images)
-        return self.digits(digits, total=len(images))
+    def files(self, files: Iterable[bytes], labels: torch.Tensor | None = None) -> Group:
+        """Image FILES (their bytes), read as predict reads them; LABELS: of each file."""
+        digits, read, total = read_files(files)
+        return self.digits(digits, None if labels is None else labels[read], total)
+
+    def images(self, images: list[Image.Image], labels: torch.Tensor | None = None) -> Group:
+        """IMAGES saved as PNG files and read back as predict reads a file."""
+        return self.files(map(png, images), labels)
+
+
+def photo_set(images: torch.Tensor, seed: int, degradations: frozenset[str]) -> Iterator[bytes]:
+    """Photos of MNIST digits IMAGES (N, 28, 28), each from its own seed: one digit with
+    other degradations lies on the same sheet at the same place."""
+    for i, digit in enumerate(images.numpy()):
+        yield photograph(digit / 255, [seed, i], degradations)
+
+
+def fitting_photos(images: torch.Tensor, seed: int) -> Iterator[bytes]:
+    """Photos of IMAGES to fit on, each with some degradations (about half of them)."""
+    rng = np.random.default_rng([seed, len(DEGRADATIONS)])
+    for i, digit in enumerate(images.numpy()):
+        yield photograph(digit / 255, [seed, i], some_degradations(rng))
 
 
 @dataclass
@@ -94,8 +135,9 @@ class Calibration:
 
 def calibrate(reader: Reader, train: tuple[torch.Tensor, torch.Tensor], p: CalibrateParams,
               model_md5: str) -> Calibration:
-    """The check, fitted on training digits, typed digits and non-digits from p.seed,
-    with its threshold set on the held-out training digits."""
+    """The check, fitted on training digits (as they are, and photographed), typed
+    digits, non-digits and photos of non-digits from p.seed, with its threshold set on
+    the held-out training digits."""
     images, labels = train
     if p.fitted + p.held_out > len(images):
         raise StageError(f"params.yaml: calibrate.fitted + calibrate.held_out = "
@@ -106,9 +148,13 @@ def calibrate(reader: Reader, train: tuple[torch.Tensor, torch.Tensor], p: Calib
     fitted = reader.digits(framed(images[fit_order]))
     held_out = reader.digits(framed(images[held_order]))
     typed = reader.images(typed_digits(p.typed, p.seed)[0])
+    photos = reader.files(fitting_photos(images[fit_order[:p.photos]], p.seed))
     others = [reader.images(make(kind, p.per_kind, p.seed)).feats for kind in KINDS]
+    others += [reader.files(non_digit_photos(kind, p.photo_others, p.seed)).feats
+               for kind in NON_DIGITS]
     others = torch.cat([feats for feats in others if len(feats)])  # solid fills: all blank
-    check = rounded(fit(torch.cat([fitted.feats, typed.feats]), others, hidden=p.hidden,
+    digits = torch.cat([fitted.feats, typed.feats, photos.feats])
+    check = rounded(fit(digits, others, hidden=p.hidden,
                         steps=p.steps, lr=p.lr, weight_decay=p.weight_decay, seed=p.seed,
                         model_md5=model_md5))
     threshold = torch.quantile(check.scores(held_out.feats), 1 - p.false_flags,
@@ -117,10 +163,6 @@ def calibrate(reader: Reader, train: tuple[torch.Tensor, torch.Tensor], p: Calib
 
 
 # --- simpler scores, for comparison: higher is less like a digit --------------------
-
-def logits_of(feats: torch.Tensor) -> torch.Tensor:
-    return feats[:, -N_INK - N_LOGITS:-N_INK]
-
 
 def max_softmax(feats: torch.Tensor, _) -> torch.Tensor:
     """Hendrycks & Gimpel (2017): minus the largest probability."""
@@ -165,19 +207,38 @@ def percent(count: int, total: int) -> float:
     return round(100 * count / total, 2) if total else 0.0
 
 
-def measure(calibration: Calibration, reader: Reader, test_images: torch.Tensor,
+PHOTO_SETS = {"clean": frozenset(), **{d: frozenset([d]) for d in DEGRADATIONS},
+              "all": frozenset(DEGRADATIONS)}
+
+
+def evenly(n: int, total: int) -> torch.Tensor:
+    """N indices (at most TOTAL) spread evenly over range(TOTAL)."""
+    return torch.linspace(0, total - 1, min(n, total)).long()
+
+
+def measure(calibration: Calibration, reader: Reader, test: tuple[torch.Tensor, torch.Tensor],
             p: CalibrateParams) -> dict:
     """What the check and the simpler scores flag, each at the threshold that flags a
     share p.false_flags of the held-out training digits, on images it was not fitted on:
-    the test split, and typed digits and non-digits from p.seed + 1."""
+    the test split (as it is, drawn with the page's pen, and photographed under each
+    degradation), and typed digits, non-digits and photos of them from p.seed + 1; and
+    how many of the test digits the model reads right."""
     seed = p.seed + 1
-    picked = torch.linspace(0, len(test_images) - 1, min(p.drawn, len(test_images))).long()
-    pen = [drawn(pen_strokes(d), PAGE_SCALE, PAGE_PEN, PAGE_SIDE)
-           for d in test_images[picked].numpy()]
-    digits = {"mnist_test": reader.digits(framed(test_images)),
+    images, labels = test
+    picked = evenly(p.drawn, len(images))
+    pen = [drawn(pen_strokes(d), PAGE_SCALE, PAGE_PEN, PAGE_SIDE) for d in images[picked].numpy()]
+    digits = {"mnist_test": reader.digits(framed(images), labels),
               "typed": reader.images(typed_digits(p.typed, seed)[0]),
-              "drawn": reader.images(pen)}
+              "drawn": reader.images(pen, labels[picked])}
+    picked = evenly(p.photo_sets, len(images))
+    photos = {name: reader.files(photo_set(images[picked], seed, degradations), labels[picked])
+              for name, degradations in PHOTO_SETS.items()}
+    photos["lamp"] = reader.files((lamp_photo(digit / 255, [seed, i])
+                                   for i, digit in enumerate(images[picked].numpy())),
+                                  labels[picked])
     others = {kind: reader.images(make(kind, p.per_kind, seed)) for kind in KINDS}
+    others |= {f"photo_{kind}": reader.files(non_digit_photos(kind, p.photo_others, seed))
+               for kind in NON_DIGITS}
     check, held_out = calibration.check, calibration.held_out
     gaussians = Gaussians.fit(reader.model.features[-1].in_channels, calibration.fitted.feats,
                               calibration.fitted_labels)
@@ -191,7 +252,8 @@ def measure(calibration: Calibration, reader: Reader, test_images: torch.Tensor,
     def rates(group: Group) -> dict:
         flagged = {name: int((score(group.feats) > thresholds[name]).sum()) if len(group.feats) else 0
                    for name, score in scorers.items()}
-        return {"images": group.total, "refused": percent(group.refused, group.total),
+        accuracy = {} if group.labels is None else {"accuracy": percent(group.correct, group.total)}
+        return {"images": group.total, **accuracy, "refused": percent(group.refused, group.total),
                 "flagged": percent(flagged["check"], group.total),
                 "detected": percent(group.refused + flagged["check"], group.total),
                 "simpler": {name: percent(group.refused + flagged[name], group.total)
@@ -204,6 +266,7 @@ def measure(calibration: Calibration, reader: Reader, test_images: torch.Tensor,
     return {"false_flags_target": round(100 * p.false_flags, 2),
             "held_out_flagged": rates(held_out)["flagged"],
             "digits": {name: rates(group) for name, group in digits.items()},
+            "photos": {name: rates(group) for name, group in photos.items()},
             "non_digits": non_digits}
 
 
@@ -211,6 +274,12 @@ def measure(calibration: Calibration, reader: Reader, test_images: torch.Tensor,
 
 ROWS = {"mnist_test": "MNIST test digits", "typed": "digits typed in Pillow's font",
         "drawn": "MNIST test digits drawn with the page's pen"}
+PHOTO_ROWS = {"clean": "photographed: a clean sheet, nothing else",
+              **{name: f"photographed: {what}" for name, what in DEGRADATIONS.items()},
+              "all": "photographed: **all of these together**",
+              "lamp": "another generator, never fitted on: a 600×600 sheet under a desk lamp "
+                      "(up to 70 grey levels), noise σ 6, blur 1.2 px, JPEG 80"}
+KIND_NAMES = {f"photo_{kind}": f"photo of {what}" for kind, what in NON_DIGITS.items()}
 
 
 def table(metrics: dict) -> str:
@@ -229,8 +298,22 @@ def table(metrics: dict) -> str:
         lines.append(row(name, metrics["digits"][key], bold=key == "mnist_test"))
     kinds = metrics["non_digits"]
     for kind in sorted(set(kinds) - {"all"}):
-        lines.append(row(kind, kinds[kind]))
+        lines.append(row(KIND_NAMES.get(kind, kind), kinds[kind]))
     lines.append(row("all non-digits", kinds["all"], bold=True))
+    return "\n".join(lines)
+
+
+def photo_table(metrics: dict) -> str:
+    """metrics/ood.json's digits as a markdown table: how many the model reads right and
+    how many the check flags, as they are, drawn, and photographed under each
+    degradation."""
+    lines = ["| digits | n | read right | refused (blank) | flagged | refused or flagged |",
+             "|---|---|---|---|---|---|"]
+    rows = [(ROWS[key], metrics["digits"][key]) for key in ("mnist_test", "drawn")]
+    rows += [(name, metrics["photos"][key]) for key, name in PHOTO_ROWS.items()]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['images']:,} | {r['accuracy']:.2f} % | {r['refused']:.2f} % "
+                     f"| {r['flagged']:.2f} % | {r['detected']:.2f} % |")
     return "\n".join(lines)
 
 
@@ -247,14 +330,16 @@ def main() -> None:
     model, mean, std = load_model(args.model)
     reader = Reader(model, mean, std)
     train = load_split(args.data / "train.pt")
-    test_images, _ = load_split(args.data / "test.pt")
+    test = load_split(args.data / "test.pt")
     calibration = calibrate(reader, train, p, file_md5(args.model))
-    metrics = measure(calibration, reader, test_images, p)
+    metrics = measure(calibration, reader, test, p)
     write_json(args.ood, calibration.check.to_json())
     write_json(args.metrics, metrics)
     test, others = metrics["digits"]["mnist_test"], metrics["non_digits"]["all"]
-    print(f"digit check: flags {test['flagged']:.2f} % of MNIST test digits; of "
-          f"{others['images']:,} non-digits, {others['detected']:.2f} % refused or flagged; "
+    photos = metrics["photos"]["all"]
+    print(f"digit check: flags {test['flagged']:.2f} % of MNIST test digits and "
+          f"{photos['flagged']:.2f} % of photos of them (read right: {photos['accuracy']:.2f} %); "
+          f"of {others['images']:,} non-digits, {others['detected']:.2f} % refused or flagged; "
           f"wrote {args.ood} and {args.metrics}")
 
 

@@ -88,6 +88,11 @@ def features(model: nn.Module, x: torch.Tensor, digits: torch.Tensor) -> torch.T
     return torch.cat([means, logits, ink_statistics(digits)], dim=1).float()
 
 
+def logits_of(feats: torch.Tensor) -> torch.Tensor:
+    """The model's logits (N, 10) in rows of features()."""
+    return feats[:, -N_INK - N_LOGITS:-N_INK]
+
+
 def file_md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
@@ -121,9 +126,9 @@ class DigitCheck:
         z = (feats - self.centre) / self.scale
         return torch.relu(z @ self.hidden.T + self.hidden_bias) @ self.out + self.out_bias
 
-    def looks_like_digit(self, model: nn.Module, x: torch.Tensor,
-                         digits: torch.Tensor) -> list[bool]:
-        return (self.scores(features(model, x, digits)) <= self.threshold).tolist()
+    def looks_like_digit(self, feats: torch.Tensor) -> list[bool]:
+        """For each row of FEATS (N, F), from features(): not flagged."""
+        return (self.scores(feats) <= self.threshold).tolist()
 
     def to_json(self) -> dict:
         return {"model_md5": self.model_md5, "threshold": self.threshold,

@@ -130,6 +130,11 @@ class CalibrateParams:
     per_kind: int = _rule(_positive, "an integer >= 1 (non-digits of each kind fitted, and "
                           "measured)")
     drawn: int = _rule(_positive, "an integer >= 1 (test digits drawn with a pen, measured)")
+    photos: int = _rule(_positive, "an integer >= 1 (photos of training digits fitted)")
+    photo_sets: int = _rule(_positive, "an integer >= 1 (photos of test digits measured, "
+                            "for each degradation)")
+    photo_others: int = _rule(_positive, "an integer >= 1 (photos of each kind of non-digit "
+                              "fitted, and measured)")
     hidden: int = _rule(_positive, "an integer >= 1")
     steps: int = _rule(_positive, "an integer >= 1")
     lr: float = _rule(_positive, "a number > 0")

@@ -9,10 +9,10 @@ Writes: one line per file to stdout: the digit, its probability and the runner-u
 Params: none (the normalisation statistics come from the checkpoint).
 
 Each image is turned upright as its EXIF orientation says, reduced in Pillow to at
-most WORK_SIDE pixels a side, and made into a digit as MNIST's were: grey levels,
-inverted if the background is light, cropped to the ink, the longer side scaled to 20
-pixels, and placed in a 28×28 frame with its centre of mass at the centre. The server
-(stages/serve.py) reads images through the same functions.
+most WORK_SIDE pixels a side, and made into grey levels; stages/sheet.py finds the
+digit on it (a scan, a drawing, or a photo of a sheet in uneven light, on ruled paper)
+and frames it as MNIST's digits were. The server (stages/serve.py) reads images
+through the same functions.
 """
 
 from __future__ import annotations
@@ -32,13 +32,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from stages.common import StageError, load_torch, run_cli
 from stages.data import to_device
 from stages.model import from_checkpoint, predict
-from stages.ood import DigitCheck, load_check
+from stages.ood import DigitCheck, features, load_check, logits_of
+from stages.sheet import to_mnist
 
-SIDE = 28          # the frame
-BOX = 20           # the longer side of the digit in the frame
-CENTRE = 14        # where MNIST's centre of mass lies (row and column index), on average
-MIN_CONTRAST = 32  # grey levels between background and the darkest ink; less is blank
-CROP_LEVEL = 26    # after stretching the ink to 0–255, lighter traces are noise (10 %)
 BATCH_SIZE = 256
 OOD_JSON = "models/ood.json"  # the digit check, written by the calibrate stage
 MAX_PIXELS = 50_000_000  # the largest image read: a 48-megapixel photo fits, 8000×6000
@@ -122,30 +118,6 @@ def grey_levels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float64)
 
 
-def to_mnist(grey: np.ndarray) -> np.ndarray:
-    """A 28×28 uint8 digit, white ink on black, from grey levels of any size."""
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if np.median(border) >= 128:  # dark ink on paper
-        grey, border = 255 - grey, 255 - border
-    ink = np.clip(grey - np.median(border), 0, None)
-    if ink.max() < MIN_CONTRAST:
-        raise StageError("no ink: the image is blank or nearly so")
-    ink *= 255 / ink.max()
-    ink[ink < CROP_LEVEL] = 0  # paper texture and compression noise
-    digit = Image.fromarray(ink.round().astype(np.uint8))
-    digit = digit.crop(digit.getbbox())
-    scale = BOX / max(digit.size)
-    digit = digit.resize((max(1, round(digit.width * scale)), max(1, round(digit.height * scale))),
-                         Image.Resampling.LANCZOS)
-    mass = np.asarray(digit, dtype=np.float64)
-    rows, cols = np.indices(mass.shape)
-    centre_row = (rows * mass).sum() / mass.sum()
-    centre_col = (cols * mass).sum() / mass.sum()
-    frame = Image.new("L", (SIDE, SIDE))
-    frame.paste(digit, (round(CENTRE - centre_col), round(CENTRE - centre_row)))
-    return np.array(frame)  # a writable copy
-
-
 def too_large(pixels: str) -> StageError:
     return StageError(f"image too large: {pixels}, over the limit of {MAX_PIXELS:,} pixels; "
                       "scale it down")
@@ -217,12 +189,13 @@ def classify(model: torch.nn.Module, digits: torch.Tensor, mean: float,
 def predict_digits(predictor: Predictor,
                    digits: torch.Tensor) -> tuple[torch.Tensor, list[bool | None]]:
     """Probabilities (N, 10) for uint8 DIGITS (N, 28, 28), and whether each looks like a
-    digit the model knows (None for each where the predictor has no check)."""
-    probabilities = classify(predictor.model, digits, predictor.mean, predictor.std)
+    digit the model knows (None for each where the predictor has no check). The model
+    runs once: with a check, the probabilities come from the logits it reads."""
     if predictor.check is None:
+        probabilities = classify(predictor.model, digits, predictor.mean, predictor.std)
         return probabilities, [None] * len(digits)
-    x = normalise(digits, predictor.mean, predictor.std)
-    return probabilities, predictor.check.looks_like_digit(predictor.model, x, digits)
+    feats = features(predictor.model, normalise(digits, predictor.mean, predictor.std), digits)
+    return logits_of(feats).log_softmax(dim=1).exp(), predictor.check.looks_like_digit(feats)
 
 
 def prediction(path: str, probabilities: torch.Tensor, looks_like_digit: bool | None) -> Prediction:

@@ -23,7 +23,8 @@ from PIL import Image
 from helpers import REPO, assert_one_line_error, needs_chromium, run_stage
 from scripts.page_screenshot import answer, browser_page, draw, serving
 from stages.calibrate import PAGE_PEN, PAGE_SCALE, PAGE_SIDE
-from stages.predict import Prediction, load_predictor, predict_files
+from stages.photos import DEGRADATIONS, photograph
+from stages.predict import Prediction, load_predictor, predict_files, read_digit
 from stages.serve import MAX_BODY, PageServer
 from stages.synthetic import pen_strokes
 
@@ -95,6 +96,33 @@ def test_drawn_test_digits_get_the_answers_of_stages_predict(page, mnist, mnist_
     assert agree >= 0.95, f"agreement {agree:.1%}"
     flagged = sum(a["flagged"] for a in shown)
     assert flagged <= N_DIGITS // 10, f"{flagged} drawn digits flagged as not digits"
+
+
+@needs_chromium
+def test_a_dropped_photo_gets_the_answer_of_stages_predict(page, mnist, mnist_model, mnist_check,
+                                                          tmp_path):
+    """A photo of a test digit as a phone takes it (every degradation of stages/photos.py,
+    stored sideways) dropped on the pad: the page shows what stages.predict says for
+    the same file, and the 28×28 digit that predict reads from it."""
+    i = 3
+    data = photograph(mnist["test"][0][i].numpy() / 255, [1, i], frozenset(DEGRADATIONS))
+    (tmp_path / "photo.jpg").write_bytes(data)
+    page.click("#clear")
+    with page.expect_response(lambda r: r.url.endswith("/predict")) as response:
+        page.evaluate("""([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const files = new DataTransfer();
+            files.items.add(new File([bytes], name, {type: "image/jpeg"}));
+            document.getElementById("pad").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
+        }""", [base64.b64encode(data).decode(), "photo.jpg"])
+    page.wait_for_selector("body[data-state=ready]", state="attached")
+    shown = answer(page)
+    [cli] = predict_files([tmp_path / "photo.jpg"], load_predictor(mnist_model, mnist_check[0]))
+    assert shown["message"] is None and shown["digit"] == cli.digit == int(mnist["test"][1][i])
+    assert shown["probability"] == pytest.approx(cli.probability, abs=1e-4)
+    assert shown["flagged"] is (cli.looks_like_digit is False) is False
+    assert response.value.json()["seen"] == read_digit(data).flatten().tolist()
 
 
 @needs_chromium

@@ -342,15 +342,35 @@ def gpu_summary_block(root: Path) -> str:
     return NO_GPU if results is None else gpu_check.gpu_summary(results)
 
 
-def ood_block(root: Path) -> str:
-    """The digit check's measurements: stages.calibrate's table of metrics/ood.json."""
-    from stages.calibrate import METRICS, table
+def calibrate_block(root: Path, render: Callable[[dict], str]) -> str:
+    """RENDER of metrics/ood.json, which the calibrate stage writes, or what to run."""
+    from stages.calibrate import METRICS
 
     path = root / METRICS
     if not path.exists():
         return (f"No measurements of the digit check yet: run `dvc repro calibrate` (it writes "
                 f"{METRICS}), then `python -m tools.docs`.")
-    return table(read_json(path, "digit check measurements"))
+    return render(read_json(path, "digit check measurements"))
+
+
+def ood_block(root: Path) -> str:
+    """The digit check's measurements: stages.calibrate's table of metrics/ood.json."""
+    from stages.calibrate import table
+
+    return calibrate_block(root, table)
+
+
+def photos_block(root: Path) -> str:
+    """Digits as they are, drawn and photographed: read right, refused and flagged."""
+    from stages.calibrate import photo_table
+
+    def render(metrics: dict) -> str:
+        if "photos" not in metrics:  # written before the stage measured photos
+            return ("No measurements of photos yet: `metrics/ood.json` predates them; run "
+                    "`dvc repro calibrate`, then `python -m tools.docs`.")
+        return photo_table(metrics)
+
+    return calibrate_block(root, render)
 
 
 # the blocks read from git's history, which a shallow clone lacks: the step commits,
@@ -369,6 +389,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "gpu": gpu_block,
     "gpu_summary": gpu_summary_block,
     "ood": ood_block,
+    "photos": photos_block,
 }
 
 

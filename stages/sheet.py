@@ -1,0 +1,239 @@
+"""Find the digit on a sheet: grey levels of any size in, a 28×28 MNIST-style digit out.
+
+stages/predict.py's read_digit calls it, for predict, the page (stages/serve.py) and
+the digit check's calibration alike. The image steps are OpenCV's (its headless
+build), one call each into compiled code. docs/use.md#photos-of-a-digit-on-paper has
+them in words:
+
+1. Paper up: inverted if its border and most of it are dark, so that the paper is
+   light.
+2. The paper's own level at each pixel: a morphological closing (a max, then a min,
+   over a square CLOSING of the shorter side) of a copy reduced to about COARSE pixels
+   a side, enlarged again; nowhere darker than FLOOR of its lightest level.
+3. Ink: how much darker than its paper a pixel is, as a share of the paper's level.
+   Nothing MIN_CONTRAST grey levels darker: blank.
+4. Ruled paper: LINES or more thin lines across the sheet are taken out of what the
+   thresholds see.
+5. The digit: Otsu's threshold marks sure ink, a lower one above the noise the rest
+   (hysteresis); pieces along half a side or more (the sheet's edge) are dropped;
+   the piece with the most ink, and the pieces near it with a share of its ink, are
+   the digit.
+6. As MNIST's digits were made: cropped to the ink, the longer side scaled to 20
+   pixels (Lanczos), placed in a 28×28 frame with its centre of mass at (14, 14).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from stages.common import StageError
+
+
+def _opencv():
+    """cv2, imported without the change that its loader makes to LD_LIBRARY_PATH (for
+    child processes only): importing a stage leaves the process's environment as it was."""
+    before = os.environ.get("LD_LIBRARY_PATH")
+    import cv2
+
+    if before is None:
+        os.environ.pop("LD_LIBRARY_PATH", None)
+    else:
+        os.environ["LD_LIBRARY_PATH"] = before
+    return cv2
+
+
+cv2 = _opencv()
+
+SIDE = 28          # the frame
+BOX = 20           # the longer side of the digit in the frame
+CENTRE = 14        # where MNIST's centre of mass lies (row and column index), on average
+MIN_CONTRAST = 32  # grey levels between the paper and the darkest ink; less is blank
+CROP_LEVEL = 26    # of 255: fainter traces of the digit's ink are dropped (10 %)
+COARSE = 64        # pixels a side of the reduced image that the paper's level is read on
+CLOSING = 1 / 3    # the closing's square, as a share of the shorter side
+FLOOR = 1 / 2      # the paper is nowhere darker than this share of its lightest level
+LINE = 1 / 4       # a ruled line's test length, as a share of the image's width (height)
+THIN = 1 / 50      # a ruled line is thinner than this share of the image's height (width)
+LINE_LEVEL = 0.04  # a line is at least this share of the darkest ink
+LINE_CAP = 1.5     # a line takes out at most this many times the lines' median level
+LINES = 3          # lines that run across the sheet: so many make it ruled paper
+ACROSS = 1 / 2     # a line runs across the sheet over this share of its width at least
+WANDER = 7         # pixels across that a slanted line may wander over and still be one
+NOISE_SIGMAS = 4   # the lower threshold is at least this many noise σ above the paper
+NEAR = 1 / 2       # a second piece of the digit lies within this share of the first's size
+SHARE = 0.005      # and holds at least this share of its ink
+ALONG = 1 / 2      # a piece along this share of a side, or more, is the sheet's edge
+EDGE_WEIGHT = 0.3  # a piece touching the image's edge counts this much of its ink
+SAMPLE = 128       # pixels a side, at least, that medians are taken over
+BLUR = 1 / 480     # σ of the smoothing that thresholds see, as a share of the shorter side
+
+
+def paper_level(paper: np.ndarray) -> np.ndarray:
+    """The paper's grey level at each pixel of PAPER (light paper, dark ink): the closing
+    of a reduced copy, enlarged again (bilinear)."""
+    rows, cols = paper.shape
+    factor = max(1, min(rows, cols) // COARSE)
+    small = cv2.resize(paper, (-(-cols // factor), -(-rows // factor)),
+                       interpolation=cv2.INTER_AREA) if factor > 1 else paper
+    k = 2 * round(min(small.shape) * CLOSING / 2) + 1
+    closed = cv2.morphologyEx(small, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8))
+    # a patch of ink wider than the square is not paper: no shadow is that dark
+    closed = np.maximum(closed, FLOOR * closed.max())
+    return cv2.resize(closed, (cols, rows), interpolation=cv2.INTER_LINEAR) if factor > 1 \
+        else closed
+
+
+def _bar(length: int, width: int, horizontal: bool) -> np.ndarray:
+    """A rectangle of ones LENGTH long and WIDTH wide, along rows or along columns."""
+    return np.ones((width, length) if horizontal else (length, width), np.uint8)
+
+
+def ruled_lines(ink: np.ndarray) -> np.ndarray | None:
+    """The ink of ruled lines (or squares) that run across the sheet, capped at the
+    lines' own level (a digit's straight bar along a line keeps the rest of its ink),
+    or None where fewer than LINES lines do in either direction."""
+    def across(opened: np.ndarray, axis: int, horizontal: bool) -> bool:
+        """Whether LINES or more lines in OPENED run across the sheet. A slanted line
+        wanders over a few rows: together they hold it across."""
+        present = (opened > LINE_LEVEL * ink.max()).astype(np.uint8)
+        band = cv2.dilate(present, _bar(1, WANDER, horizontal)).mean(axis=axis) >= ACROSS
+        return np.count_nonzero(np.diff(band.astype(np.int8), prepend=0) == 1) >= LINES
+
+    found = []
+    for axis, horizontal in ((1, True), (0, False)):
+        length = max(3, round(ink.shape[axis] * LINE))
+        opened = cv2.morphologyEx(ink, cv2.MORPH_OPEN, _bar(length, 1, horizontal))
+        if not across(opened, axis, horizontal):  # no lines, thin or thick: most images
+            continue
+        # long and thin: what a bar THICK wide also holds is a stroke, not a line
+        thick = max(2, round(ink.shape[1 - axis] * THIN))
+        opened -= cv2.morphologyEx(ink, cv2.MORPH_OPEN, _bar(length, thick, horizontal))
+        if across(opened, axis, horizontal):
+            level = np.median(opened[opened > LINE_LEVEL * ink.max()])
+            found.append(np.minimum(opened, LINE_CAP * level))
+    return np.maximum.reduce(found) if found else None
+
+
+def otsu(values: np.ndarray, top: float) -> float:
+    """Otsu's threshold of VALUES (0..TOP), in their units."""
+    levels = np.clip(values * (255 / top), 0, 255).astype(np.uint8)
+    level, _ = cv2.threshold(levels, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    return level * top / 255
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """The connected pieces (8-connected) of a mask: a label per pixel (0: none), and
+    per label its box, its ink, and whether it touches the image's edge."""
+
+    labels: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    w: np.ndarray
+    h: np.ndarray
+    mass: np.ndarray
+    edge: np.ndarray
+
+    @classmethod
+    def of(cls, ink: np.ndarray, mask: np.ndarray) -> Pieces:
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
+                                                                   connectivity=8)
+        x, y, w, h = (stats[:, i] for i in range(4))
+        rows, cols = mask.shape
+        edge = (x == 0) | (y == 0) | (x + w == cols) | (y + h == rows)
+        edge[0] = False
+        mass = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count)
+        return cls(labels, x, y, w, h, mass, edge)
+
+    def frame_like(self) -> np.ndarray:
+        """Pieces that lie along half of one of the image's sides or more: the sheet's
+        edge and the desk beyond it, a shadow at the border (a digit that runs into the
+        side touches it with a stroke's end)."""
+        sides = (self.labels[0], self.labels[-1], self.labels[:, 0], self.labels[:, -1])
+        along = np.max([np.bincount(side, minlength=len(self.mass)) / len(side)
+                        for side in sides], axis=0)
+        along[0] = 0  # the paper
+        return along >= ALONG
+
+
+def digit_pieces(ink: np.ndarray, sure: np.ndarray, low: float) -> np.ndarray:
+    """A mask of the digit: of the pieces of INK over LOW that hold SURE ink, the one
+    with the most ink (one along the edge counts for less), and those near it that hold
+    a share of its ink."""
+    p = Pieces.of(ink, ink > low)
+    seeded = np.zeros(len(p.mass), bool)
+    seeded[np.unique(p.labels[sure])] = True
+    seeded[0] = False  # the paper
+    if not seeded.any():
+        return np.zeros(ink.shape, bool)
+    main = int(np.argmax(np.where(seeded, p.mass * np.where(p.edge, EDGE_WEIGHT, 1.0), -1.0)))
+    reach = NEAR * max(p.w[main], p.h[main])
+    near = ((p.x + p.w >= p.x[main] - reach) & (p.x <= p.x[main] + p.w[main] + reach)
+            & (p.y + p.h >= p.y[main] - reach) & (p.y <= p.y[main] + p.h[main] + reach))
+    keep = seeded & near & (p.mass >= SHARE * p.mass[main])
+    keep[main] = True
+    return keep[p.labels]
+
+
+def to_mnist(grey: np.ndarray) -> np.ndarray:
+    """A 28×28 uint8 digit, white ink on black, from grey levels of any size."""
+    grey = np.asarray(grey, np.float32)
+    step = max(1, min(grey.shape) // SAMPLE)  # medians of a sample of pixels are as good
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    # light on dark only where the border and most of the image are dark: a desk along
+    # the border of a sheet, or a scribble over most of the paper, leave the paper light
+    light = np.median(border) >= 128 or np.median(grey[::step, ::step]) >= 128
+    paper = grey if light else 255 - grey
+    level = paper_level(paper)
+    darker = np.clip(level - paper, 0, None)
+    sigma = min(paper.shape) * BLUR
+    smooth = cv2.GaussianBlur(darker, (0, 0), sigma) if sigma >= 0.5 else darker
+    if smooth.max() < MIN_CONTRAST:
+        raise StageError("no ink: the image is blank or nearly so")
+    ink, smooth = darker / level, smooth / level  # shares of the paper's level
+    lines = ruled_lines(smooth)
+    if lines is not None:  # out of what the thresholds see; the digit keeps its own ink
+        smooth = np.clip(smooth - lines, 0, None)
+    sample = smooth[::step, ::step]
+    spread = np.median(np.abs(sample - np.median(sample)))  # the paper's noise, robustly
+    noise = NOISE_SIGMAS * 1.4826 * float(spread)
+    faint = smooth > max(CROP_LEVEL / 255 * float(smooth.max()), noise)
+    frame = Pieces.of(smooth, faint)
+    beyond = frame.frame_like()[frame.labels]
+    if (faint & ~beyond).any():  # the sheet's edge, unless it is all there is
+        smooth = np.where(beyond, 0, smooth)
+    if (smooth * level).max() < MIN_CONTRAST:  # nothing but ruled lines
+        raise StageError("no ink: the image is blank or nearly so")
+    top = float(smooth.max())
+    sure = smooth > max(otsu(smooth, top), CROP_LEVEL / 255 * top)
+    mask = digit_pieces(smooth, sure, max(CROP_LEVEL / 255 * top, noise))
+    full = float(np.percentile(ink[mask & sure], 95)) if (mask & sure).any() else top
+    digit = np.clip(np.where(mask, ink, 0) * (255 / max(full, 1e-6)), 0, 255)
+    digit[digit < CROP_LEVEL] = 0
+    if not digit.any():
+        raise StageError("no ink: the image is blank or nearly so")
+    return framed(digit)
+
+
+def framed(ink: np.ndarray) -> np.ndarray:
+    """INK (0-255, white on black) cropped to itself, its longer side scaled to BOX
+    pixels, and pasted into a SIDE×SIDE frame with its centre of mass at CENTRE."""
+    digit = Image.fromarray(ink.round().astype(np.uint8))
+    digit = digit.crop(digit.getbbox())
+    scale = BOX / max(digit.size)
+    digit = digit.resize((max(1, round(digit.width * scale)), max(1, round(digit.height * scale))),
+                         Image.Resampling.LANCZOS)
+    mass = np.asarray(digit, dtype=np.float64)
+    if not mass.any():  # a trace too faint to survive the scaling
+        raise StageError("no ink: the image is blank or nearly so")
+    rows, cols = np.indices(mass.shape)
+    centre_row = (rows * mass).sum() / mass.sum()
+    centre_col = (cols * mass).sum() / mass.sum()
+    frame = Image.new("L", (SIDE, SIDE))
+    frame.paste(digit, (round(CENTRE - centre_col), round(CENTRE - centre_row)))
+    return np.array(frame)  # a writable copy
+
