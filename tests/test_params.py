@@ -146,11 +146,12 @@ def test_the_largest_calibrate_seed_is_accepted_by_the_fit_and_the_measurement(
 
     big = copy.deepcopy(raw)
     big["calibrate"].update(seed=2**64 - 2, fitted=500, held_out=100, typed=10, per_kind=5,
-                            drawn=5, steps=5)
+                            drawn=5, steps=5, photos=10, photo_sets=5, photo_others=5)
     p = parse_params(big).calibrate
     reader = Reader(*load_model(mnist_model))
     calibration = calibrate(reader, mnist["train"], p, "0" * 32)
-    metrics = measure(calibration, reader, mnist["test"][0][:100], p)
+    images, labels = mnist["test"]
+    metrics = measure(calibration, reader, (images[:100], labels[:100]), p)
     assert metrics["digits"]["typed"]["images"] == 10
 
 
