@@ -31,12 +31,6 @@ def test_every_generated_block_is_current():
     assert stale == [], "\n".join(stale)
 
 
-@pytest.mark.skipif(not SHALLOW, reason="checked with the other blocks in a full clone")
-def test_the_blocks_read_from_step_commits_need_the_history():
-    pytest.skip("this shallow clone lacks the history that some blocks are read from (the "
-                "step commits; the GPU check's commit); `git fetch --unshallow` to check them")
-
-
 @pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_relative_link_resolves(path):
     broken = []
@@ -133,6 +127,47 @@ def test_benchmark_table_from_its_json(tmp_path):
     text = docs.benchmark_block(tmp_path)
     assert "| cpu (1 threads) | 2.14.1 | 2,500 | 1,000 | 2,600 | 2.50× | 0.96× | 2.40×, 0.95× |" in text
     assert "fastest of 3 rounds of 60,000 training images" in text
+
+
+def test_search_block_from_search_json(tmp_path):
+    from experiments.search import table
+
+    assert "python -m experiments.search next" in docs.search_block(tmp_path)
+    (tmp_path / "experiments").mkdir()
+    record = (REPO / "experiments/search.json").read_text()
+    (tmp_path / "experiments/search.json").write_text(record)
+    assert docs.search_block(tmp_path) == table(json.loads(record))
+
+
+LEDGER_ENTRY = {"when": "2026-12-06", "recipe": "step 6", "scored": "seeds 1 to 10",
+                "why": "score it once", "decided": "nothing | yet", "record": "6a3a5c6"}
+
+
+def test_the_test_read_ledger_is_a_table_of_its_entries(tmp_path):
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments/test_reads.yaml").write_text(yaml.safe_dump(
+        [{**LEDGER_ENTRY, "when": "before 2026-11-25", "scored": "one run,\n  of each"},
+         LEDGER_ENTRY], sort_keys=False))
+    assert docs.ledger_block(tmp_path).splitlines() == [
+        "| when | recipe | scored on test | why | what it decided | where recorded |",
+        "|---|---|---|---|---|---|",
+        "| before 2026-11-25 | step 6 | one run, of each | score it once | nothing \\| yet "
+        "| 6a3a5c6 |",
+        "| 2026-12-06 | step 6 | seeds 1 to 10 | score it once | nothing \\| yet | 6a3a5c6 |"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[]\n", "expected a list of entries"),
+    ("- {when: 2026-12-06, recipe: a, scored: b, why: c, decided: d, record: e}\n",
+     r"entry 1 needs exactly when, recipe, scored, why, decided, record, each a line of "
+     r"text \(quote a date\)"),
+    ("- {when: x, recipe: a, scored: b, why: c, decided: d}\n", "entry 1 needs exactly"),
+])
+def test_a_malformed_ledger_is_one_line_error(tmp_path, text, message):
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments/test_reads.yaml").write_text(text)
+    with pytest.raises(StageError, match=message):
+        docs.ledger_block(tmp_path)
 
 
 def test_gpu_block_without_results_and_with_them(tmp_path, monkeypatch):
@@ -248,6 +283,25 @@ def test_a_shallow_clone_says_how_to_get_the_step_commits(step_repo, tmp_path):
     with pytest.raises(StageError, match=r"^step-1: this shallow clone lacks the step commits; "
                                          r"fetch them with `git fetch --unshallow`$"):
         docs.steps_block(clone)
+
+
+def test_a_shallow_clone_checks_every_block_but_those_read_from_history(step_repo, tmp_path):
+    """What test_every_generated_block_is_current does in a shallow clone: the blocks
+    read from the step commits are left out, every other block is still checked, and
+    without leaving them out the check stops at one line that says how to fetch them."""
+    (step_repo / "README.md").write_text(
+        f"# R\n\n<!-- generated: steps -->\n\n{docs.steps_block(step_repo)}\n\n"
+        "<!-- end: steps -->\n\n<!-- generated: result -->\nold\n<!-- end: result -->\n")
+    git(step_repo, "add", "README.md")
+    git(step_repo, "commit", "-qm", "README")
+    assert docs.refresh(step_repo, check=True) == [
+        "README.md: block result is stale; run `python -m tools.docs`"]
+    clone = tmp_path / "shallow"
+    git(tmp_path, "clone", "-q", "--depth", "1", step_repo.as_uri(), str(clone))
+    assert docs.refresh(clone, check=True, skip=docs.HISTORY_BLOCKS) == [
+        "README.md: block result is stale; run `python -m tools.docs`"]
+    with pytest.raises(StageError, match="shallow clone lacks the step commits"):
+        docs.refresh(clone, check=True)
 
 
 def test_a_step_without_a_commit_is_one_clear_error(step_repo):
