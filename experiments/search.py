@@ -193,8 +193,10 @@ def current(doc: dict, search: dict) -> dict:
     """The record of SEARCH (by its name) in DOC, search.json, made if new; its recipe,
     candidates and fixed params as search.yaml has them now."""
     entry = doc.setdefault("searches", {}).setdefault(search["search"], {})
+    # a candidate since dropped from search.yaml keeps its entry, for its runs
     entry.update(title=search.get("title", search["search"]), fixed=search["fixed"],
-                 recipe=search["recipe"], candidates=search["candidates"])
+                 recipe=search["recipe"],
+                 candidates={**entry.get("candidates", {}), **search["candidates"]})
     entry.setdefault("runs", {})
     entry.setdefault("batches", [])
     return entry
@@ -220,7 +222,7 @@ def check_record(entry: dict, search: dict) -> None:
         if name not in search["candidates"]:
             continue
         for seed, result in by_seed.items():
-            wrong = mismatch(result["params"], settings(search, name, int(seed)))
+            wrong = mismatch(result.get("params", {}), settings(search, name, int(seed)))
             if wrong:
                 raise StageError(f"{SEARCH_JSON}: {name}'s seed {seed} ran other params than "
                                  f"search.yaml pins now ({', '.join(wrong)}); give the "
@@ -354,6 +356,9 @@ def search_table(name: str, entry: dict) -> str:
     lines = [f"### {entry.get('title', name)}", ""]
     if entry.get("note"):
         lines += [entry["note"], ""]
+    if entry.get("recipe"):
+        lines += ["The base, as `experiments/search.yaml` pins it for every run: "
+                  + _settings(entry["recipe"]) + f"; and {_settings(entry['fixed'])}.", ""]
     lines += ["| rank | candidate | changes from the base | seeds | mean val % | SE | "
               "difference from the base, ± 95 % interval (paired seeds) | mean val loss |",
               "|---|---|---|---|---|---|---|---|"]
@@ -363,6 +368,12 @@ def search_table(name: str, entry: dict) -> str:
                      f"{_settings(entry['candidates'][row['candidate']]['params'])} | {row['n']} | "
                      f"{row['mean']:.3f} | {se} | {_diff(row['diff'])} | {row['val_loss']:.4f} |")
     lines += ["", verdict(rows), ""]
+    machines = sorted({run["machine"] for by_seed in entry["runs"].values()
+                       for run in by_seed.values() if run.get("machine")})
+    if len(machines) > 1:
+        lines += [f"These runs came from {len(machines)} machines ({'; '.join(machines)}): "
+                  "a CPU and a GPU give other numbers, so rank only runs of one kind of "
+                  "device together.", ""]
     seeds = sorted({seed for row in rows for seed in row["seeds"]})
     lines += ["Final validation accuracy % by seed, and each run's experiment commit. The "
               "commits are local to the machine that ran them (DVC's experiment refs are not "
@@ -384,7 +395,8 @@ def search_table(name: str, entry: dict) -> str:
         if "pairs" in batch:
             runs = "; ".join(f"{n} s{', '.join(map(str, s))}" for n, s in batch["pairs"].items())
         else:
-            runs = f"{', '.join(batch['candidates'])} × seeds {', '.join(map(str, batch['seeds']))}"
+            runs = (f"{', '.join(batch['candidates'])} × seeds "
+                    f"{', '.join(map(str, batch['seeds']))}")
         if batch.get("share"):
             runs += f" (share {batch['share']})"
         wall = "—" if batch.get("wall_s") is None else f"{batch['wall_s'] / 60:.0f} min"

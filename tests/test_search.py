@@ -190,14 +190,30 @@ def test_each_recorded_run_keeps_the_params_it_ran_and_other_params_are_refused(
         sr.check_record(entry, search)
 
 
-def test_collect_finds_the_search_experiments_on_a_baseline(repo):
+def test_collect_records_the_search_experiments_on_a_baseline(repo, tmp_path, monkeypatch):
+    """After `make exp-pull`, the experiments that other machines ran are refs like this
+    machine's own: collect records each of the search's on the baseline, once."""
     search = a_search(lr3={"train.lr": 0.3})
+    monkeypatch.setattr(sr, "SEARCH_FILE", write_search(tmp_path, search))
     baseline = git(repo, "rev-parse", "HEAD").strip()
     rev = commit_run(repo, sr.settings(search, "lr3", 2), [99.0], [0.02])
-    for name in ("search-lr3-s2", "search-gone-s1", "seed-1"):  # two are not the search's
-        git(repo, "update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}", rev)
+    base = commit_run(repo, sr.settings(search, "base", 2), [98.9], [0.03])
+    git(repo, "checkout", "-q", baseline)
+    for name, commit in (("search-lr3-s2", rev), ("search-base-s2", base),
+                         ("search-gone-s1", rev), ("seed-1", rev)):  # the last two: not ours
+        git(repo, "update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}", commit)
     git(repo, "update-ref", f"refs/exps/{rev[:2]}/{rev[2:]}/search-base-s1", rev)  # elsewhere
-    assert sr.search_experiments(search, baseline) == {("lr3", 2): rev}
+    assert sr.search_experiments(search, baseline) == {("lr3", 2): rev, ("base", 2): base}
+    for _ in range(2):  # the second time, nothing is new
+        monkeypatch.setattr(sys, "argv", ["search", "collect", "--machine", "m2"])
+        sr.main()
+    entry = json.loads((repo / sr.SEARCH_JSON).read_text())["searches"]["t"]
+    assert {name: list(runs) for name, runs in entry["runs"].items()} == {"base": ["2"],
+                                                                          "lr3": ["2"]}
+    assert entry["runs"]["lr3"]["2"]["params"]["train.lr"] == 0.3
+    assert entry["batches"] == [{"pairs": {"base": [2], "lr3": [2]}, "wall_s": None,
+                                 "jobs": None, "machine": "m2", "code": baseline[:7],
+                                 "collected": True}]
 
 
 def test_run_records_params_and_curves_of_the_pairs_it_ran(repo, tmp_path, monkeypatch, capsys):
@@ -225,7 +241,9 @@ def test_run_records_params_and_curves_of_the_pairs_it_ran(repo, tmp_path, monke
     assert run["curve"]["val_acc"] == [99.0, 99.45]
     assert doc["searches"]["t"]["batches"][0]["pairs"] == {"lr3": [2]}
     assert doc["searches"]["t"]["batches"][0]["share"] == "2/2"
-    assert "| 1 | lr3 | `train.lr: 0.3` | 1 | 99.450 | — | — |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| 1 | lr3 | `train.lr: 0.3` | 1 | 99.450 | — | — |" in out
+    assert "The base, as `experiments/search.yaml` pins it for every run: `train." in out
 
 
 # --- shares and the plan ------------------------------------------------------------
@@ -320,7 +338,8 @@ def test_standard_errors_and_paired_intervals_on_a_hand_checked_example():
     assert ("| 1 | c | `train.lr: 0.3` | 4 | 99.520 | 0.039 | +0.045 ± 0.030 (4 seeds) "
             "| 0.0200 |") in text
     assert "| 2 | base | none: the base | 4 | 99.475 | 0.032 | — |" in text
-    assert "| 3 | d | `train.warmup: 0.2` | 3 | 99.573 | 0.175 | -0.040 ± 0.762 (2 seeds) |" in text
+    assert ("| 3 | d | `train.warmup: 0.2` | 3 | 99.573 | 0.175 | -0.040 ± 0.762 (2 seeds) |"
+            in text)
     assert ("Verdict, from the record: above the base (its interval above zero): c; not told "
             "apart from the base (its interval includes zero): d; under two seeds shared with "
             "the base, no interval: e.") in text
@@ -351,5 +370,6 @@ def test_the_record_of_the_first_search_is_kept_as_it_ran():
     assert not any("curve" in run or "params" in run
                    for by_seed in first["runs"].values() for run in by_seed.values())
     text = sr.table(doc)
-    assert "| 1 | scale | `train.scale: 0.1` | 3 | 99.507 | 0.015 | +0.060 ± 0.215 (3 seeds) |" in text
+    assert ("| 1 | scale | `train.scale: 0.1` | 3 | 99.507 | 0.015 | +0.060 ± 0.215 (3 seeds) |"
+            in text)
     assert "holds each run's final epoch only" in text
