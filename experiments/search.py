@@ -359,7 +359,7 @@ def search_table(name: str, entry: dict) -> str:
     if entry.get("recipe"):
         lines += ["The base, as `experiments/search.yaml` pins it for every run: "
                   + _settings(entry["recipe"]) + f"; and {_settings(entry['fixed'])}.", ""]
-    lines += ["| rank | candidate | changes from the base | seeds | mean val % | SE | "
+    lines += ["| rank | candidate | changes from the base | seeds | mean val % | SE of the mean | "
               "difference from the base, ± 95 % interval (paired seeds) | mean val loss |",
               "|---|---|---|---|---|---|---|---|"]
     for rank, row in enumerate(rows, 1):
