@@ -114,7 +114,10 @@ def load_search(path: Path = SEARCH_FILE, params_path: Path = PARAMS_FILE) -> di
         for key, value in settings(search, name, seed=1).items():
             section, leaf = key.split(".", 1)
             raw[section][leaf] = value
-        parse_params(raw)  # a value out of range is params.py's one-line error
+        try:
+            parse_params(raw)
+        except StageError as err:
+            raise StageError(f"{path}: candidate {name} makes invalid params: {err}") from None
     return search
 
 

@@ -71,7 +71,8 @@ def test_a_recipe_that_lacks_a_key_or_pins_an_unknown_one_is_refused(tmp_path):
 @pytest.mark.parametrize("params, message", [
     ({"train.seed": 2}, "candidate c sets train.seed, which is not a recipe key"),
     ({"train.val_size": 5}, "candidate c sets train.val_size, which is not a recipe key"),
-    ({"train.lr": -1.0}, "train.lr = -1.0 is out of range"),
+    ({"train.lr": -1.0}, "candidate c makes invalid params: params.yaml: train.lr = -1.0 is "
+                         "out of range"),
 ])
 def test_a_candidate_sets_recipe_keys_to_allowed_values_only(tmp_path, params, message):
     with pytest.raises(StageError, match=message):
