@@ -41,6 +41,8 @@ TRAIN_JSON = Path("metrics/train/metrics.json")
 LIVE_DIR = Path("metrics/train")  # the train stage's DVCLive folder
 BENCHMARK_JSON = Path("benchmarks/results-cpu.json")
 STEPS_YAML = Path("experiments/steps.yaml")
+TEST_READS = Path("experiments/test_reads.yaml")  # the ledger of test reads
+LEDGER_FIELDS = ("when", "recipe", "scored", "why", "decided", "record")
 NO_GPU = ("No GPU measurements yet: run `make gpu-check` on a machine with a CUDA GPU "
           "(docs/gpu.md).")
 DASH = "—"
@@ -277,9 +279,30 @@ def recipe_seeds(root: Path) -> dict | None:
 def search_block(root: Path) -> str:
     path = root / SEARCH_JSON
     if not path.exists():
-        return ("No search has run yet: `python -m experiments.search run --seeds 1`, then "
-                "`python -m tools.docs`.")
+        return ("No search has run yet: `python -m experiments.search next`, then "
+                "`python -m experiments.search run --next` and `python -m tools.docs`.")
     return search_table(read_json(path, "search results"))
+
+
+def ledger_markdown(entries, source: str = str(TEST_READS)) -> str:
+    """The test-read ledger (experiments/test_reads.yaml) as a table, oldest first."""
+    if not (isinstance(entries, list) and entries):
+        raise StageError(f"{source}: expected a list of entries, each with "
+                         f"{', '.join(LEDGER_FIELDS)}")
+    rows = ["| when | recipe | scored on test | why | what it decided | where recorded |",
+            "|---|---|---|---|---|---|"]
+    for i, entry in enumerate(entries, 1):
+        if not (isinstance(entry, dict) and set(entry) == set(LEDGER_FIELDS)
+                and all(isinstance(v, str) and v.strip() for v in entry.values())):
+            raise StageError(f"{source}: entry {i} needs exactly {', '.join(LEDGER_FIELDS)}, "
+                             "each a line of text (quote a date)")
+        rows.append("| " + " | ".join(" ".join(entry[f].split()).replace("|", "\\|")
+                                      for f in LEDGER_FIELDS) + " |")
+    return "\n".join(rows)
+
+
+def ledger_block(root: Path) -> str:
+    return ledger_markdown(read_yaml(root / TEST_READS), str(TEST_READS))
 
 
 def seeds_block(root: Path) -> str:
@@ -385,6 +408,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "step_notes": step_notes_block,
     "seeds": seeds_block,
     "search": search_block,
+    "test_reads": ledger_block,
     "benchmark": benchmark_block,
     "gpu": gpu_block,
     "gpu_summary": gpu_summary_block,
