@@ -245,7 +245,8 @@ class PageApp:
         if method == "POST" and path == "/predict":
             await self.predict(scope["headers"], receive, send)
         elif method == "POST":
-            await self.send_json(send, HTTPStatus.NOT_FOUND, {"error": f"nothing to post to at {path}"})
+            await self.send_json(send, HTTPStatus.NOT_FOUND,
+                                 {"error": f"nothing to post to at {path}"})
         elif method in ("GET", "HEAD") and path in ASSETS:
             name, content_type = ASSETS[path]
             body = (PAGE / name).read_bytes()
@@ -267,7 +268,8 @@ class PageApp:
                     "headers": headers("application/json", len(body), *extra)})
         await send({"type": "http.response.body", "body": body, "more_body": more})
 
-    async def predict(self, fields: list[tuple[bytes, bytes]], receive, send) -> None:  # noqa: ANN001
+    async def predict(self, fields: list[tuple[bytes, bytes]], receive,  # noqa: ANN001
+                      send) -> None:
         refused = refusal(fields)
         if refused is not None:
             await self.send_json(send, refused.status, {"error": str(refused)})
@@ -357,11 +359,13 @@ def main() -> None:
                         help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port")
     parser.add_argument("--deadline", type=float, default=DEADLINE,
-                        help=f"seconds a client has to send its whole request (default {DEADLINE:g})")
+                        help="seconds a client has to send its whole request, headers and "
+                             f"body (default {DEADLINE:g})")
     model_arguments(parser)
     args = parser.parse_args()
-    if not args.deadline > 0:
-        raise StageError(f"--deadline {args.deadline:g}: give a number of seconds above 0")
+    if not 0 < args.deadline < 1e6:
+        raise StageError(f"--deadline {args.deadline:g}: give seconds, above 0 and "
+                         "below 1,000,000")
     predictor = load_predictor(args.model, args.ood)  # a bad checkpoint stops us here
     try:
         server = PageServer(args.host, args.port, predictor, deadline=args.deadline)

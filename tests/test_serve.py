@@ -473,7 +473,7 @@ def test_a_trickling_client_is_cut_at_the_deadline(quick_server, part):
             except (BrokenPipeError, ConnectionResetError):
                 cut = time.monotonic() - began
                 break
-    assert cut is not None and 1.5 < cut < 4.5, f"cut after {cut} s (deadline 2 s)"
+    assert cut is not None and 1.5 < cut < 6, f"cut after {cut} s (deadline 2 s)"
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     conn.request("GET", "/")
     assert conn.getresponse().status == 200
