@@ -4,31 +4,40 @@ Reads:  MODEL (models/model.pt) and its digit check (models/ood.json), once, at 
         the page's files (stages/page/).
 Serves: GET / the page; POST /predict an image file's bytes, answered with JSON: the
         digit, the ten probabilities, whether it looks like a digit, and the 28×28
-        digit the model saw; or {"error": ...} with a 4xx status.
+        digit the model saw; or {"error": ...} with a 4xx status, or 503 when busy.
 Params: none.
 
     python -m stages.serve [--host 127.0.0.1] [--port 8000] [--model ...] [--ood ...]
+                           [--deadline 60]
 
 A thin shell over stages.predict: each body goes through read_digit, predict_digits
 and prediction, the functions the command line uses, so the page and
 `python -m stages.predict` give the same answer and the same errors for the same file.
-It listens on loopback unless --host says otherwise (docs/use.md says what that means).
+uvicorn serves it, with h11's parser; this module adds the page's limits: at most
+MAX_BODIES bodies held at once (503 with Retry-After beyond), a whole-request deadline,
+the Content-Length rules, and one request per connection. It listens on loopback
+unless --host says otherwise (docs/use.md says what that means).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import json
+import logging
 import re
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from functools import partial
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import torch
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from stages.common import StageError, run_cli
 from stages.predict import (Predictor, load_predictor, model_arguments, prediction,
@@ -37,6 +46,12 @@ from stages.predict import (Predictor, load_predictor, model_arguments, predicti
 MAX_BODY = 5 * 1024 * 1024  # bytes: the largest image file accepted
 DECIMAL = re.compile(r"[0-9]+")  # ASCII digits only: int() also takes "-1", "+5", "5_0"
 DRAIN_LIMIT = 64 * 1024 * 1024  # a larger body is not read at all: the connection closes
+MAX_BODIES = 4  # request bodies held at once (received, or waiting for the model)
+RETRY_AFTER = 1  # seconds, in the 503 beyond MAX_BODIES
+DEADLINE = 60.0  # seconds a client has to send its whole request: headers and body
+BACKLOG = 2048  # connections the kernel queues before the server accepts them
+MAX_HEAD = 16 * 1024  # bytes: the longest request line and headers (h11's default)
+HEAD_END = re.compile(rb"\r?\n\r?\n")
 PAGE = Path(__file__).with_name("page")
 ASSETS = {"/": ("index.html", "text/html; charset=utf-8"),
           "/page.js": ("page.js", "text/javascript; charset=utf-8"),
@@ -47,6 +62,15 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+LOG_CONFIG = {  # uvicorn's warnings and one access line per request, all on stderr
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain",
+                            "stream": "ext://sys.stderr"}},
+    "loggers": {"uvicorn.error": {"handlers": ["stderr"], "level": "WARNING", "propagate": False},
+                "uvicorn.access": {"handlers": ["stderr"], "level": "INFO", "propagate": False}},
+}
+log = logging.getLogger("uvicorn.error")
 
 
 def answer(body: bytes, predictor: Predictor) -> tuple[int, dict]:
@@ -94,72 +118,225 @@ def content_length(values: list[str] | None) -> int:
                     "(5 MB)", drain=length if length and length <= DRAIN_LIMIT else 0)
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: PageServer
-    server_version = "mnist-cnn"
-    timeout = 60  # seconds a client may take to send its request
+def refusal(fields: list[tuple[bytes, bytes]]) -> BadLength | None:
+    """The refusal of a POST /predict by its header fields (name, value), as
+    content_length() rules; a Transfer-Encoding counts as no Content-Length."""
+    lengths = [value.decode("latin-1") for name, value in fields
+               if name.lower() == b"content-length"]
+    if any(name.lower() == b"transfer-encoding" for name, _ in fields):
+        lengths = []
+    try:
+        content_length(lengths)
+    except BadLength as err:
+        return err
+    return None
 
-    def send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in SECURITY_HEADERS.items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
 
-    def send_json(self, status: int, doc: dict) -> None:
-        self.send(status, json.dumps(doc).encode(), "application/json")
+def head_refusal(head: bytes) -> BadLength | None:
+    """The refusal of a POST /predict by its raw head, the request line and headers:
+    read before h11, which would merge duplicated lengths and refuse bad ones in its
+    own words. The app checks h11's headers again (a target spelled otherwise)."""
+    request, *lines = head.split(b"\n")
+    method, _, target = request.partition(b" ")
+    if method != b"POST" or target.partition(b" ")[0].partition(b"?")[0] != b"/predict":
+        return None
+    return refusal([tuple(line.rstrip(b"\r").split(b":", 1)) for line in lines if b":" in line])
 
-    def drain(self, left: int) -> None:
-        """Read and drop LEFT bytes of a refused body, so that the client, still sending,
-        hears the answer rather than a reset connection."""
-        while left > 0:
-            chunk = self.rfile.read(min(1 << 20, left))
-            if not chunk:
-                break
-            left -= len(chunk)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        asset = ASSETS.get(self.path.split("?", 1)[0])
-        if asset is None:
-            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"nothing at {self.path}"})
+def headers(content_type: str, length: int, *extra: tuple[str, str]) -> list[tuple[bytes, bytes]]:
+    pairs = [("Content-Type", content_type), ("Content-Length", str(length)),
+             *SECURITY_HEADERS.items(), *extra, ("Connection", "close")]
+    return [(name.encode(), value.encode()) for name, value in pairs]
+
+
+def json_bytes(doc: dict) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def raw_response(status: int, doc: dict) -> bytes:
+    """A whole JSON response, for answers given before h11 has parsed the request."""
+    body = json_bytes(doc)
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    lines += [name + b": " + value for name, value in headers("application/json", len(body))]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class PageProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the page's limits: the Content-Length rules
+    applied to the raw head, a deadline for the whole request, one request per
+    connection, and one log line for a client cut at the deadline or gone early."""
+
+    def __init__(self, *args, deadline: float = DEADLINE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline = deadline
+        self.head: bytearray | None = bytearray()  # until the request's head is whole
+        self.drain_left = 0  # bytes of a refused body to read and drop
+        self.timer: asyncio.TimerHandle | None = None
+        self.cut_off = False
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's signature
+        super().connection_made(transport)
+        self.timer = self.loop.call_later(self.deadline, self.cut)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.cycle is not None and not self.cycle.response_started and not self.cut_off:
+            log.warning("%s - the client left before its answer", self.who())
+        super().connection_lost(exc)
+
+    def who(self) -> str:
+        return "%s:%d" % self.client if self.client else "a client"
+
+    def cut(self) -> None:
+        if self.cycle is not None and not self.cycle.more_body:
+            return  # the request is in: its answer is on the way
+        self.cut_off = True
+        log.warning("%s - request not received within %g s: connection cut", self.who(),
+                    self.deadline)
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.drain_left:  # the rest of a refused body, read and dropped
+            self.drain_left -= len(data)
+            if self.drain_left <= 0:
+                self.transport.close()
             return
-        name, content_type = asset
-        self.send(HTTPStatus.OK, (PAGE / name).read_bytes(), content_type)
-
-    def do_POST(self) -> None:  # noqa: N802
-        if self.path != "/predict":
-            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"nothing to post to at {self.path}"})
+        if self.head is None:
+            super().data_received(data)
             return
-        try:
-            length = content_length(self.headers.get_all("Content-Length"))
-        except BadLength as err:  # answered before a byte of the body is read
-            self.close_connection = True
-            self.send_json(err.status, {"error": str(err)})
-            self.drain(err.drain)
+        self.head += data
+        end = HEAD_END.search(self.head)
+        if end is None and len(self.head) <= MAX_HEAD:
             return
-        body = self.rfile.read(length)
-        if len(body) < length:
-            self.close_connection = True
-            self.send_json(HTTPStatus.BAD_REQUEST, {"error": "the body ended early"})
+        head, self.head = bytes(self.head), None
+        refused = head_refusal(head[:end.start()]) if end else None
+        if refused is None:
+            super().data_received(head)
             return
-        with self.server.lock:  # one image at a time: memory stays that of one image
-            status, doc = answer(body, self.server.predictor)
-        self.send_json(status, doc)
+        # answered from the headers, before a byte of the body is read
+        self.access_logger.info('%s - "%s" %d', self.who(), head.split(b"\r\n", 1)[0].decode(
+            "latin-1")[:80], refused.status)
+        self.transport.write(raw_response(refused.status, {"error": str(refused)}))
+        self.drain_left = refused.drain - (len(head) - end.end())
+        if self.drain_left <= 0:
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:  # h11 refused the request
+        self.transport.write(raw_response(HTTPStatus.BAD_REQUEST,
+                                          {"error": "not a valid HTTP request"}))
+        self.transport.close()
 
 
-class PageServer(ThreadingHTTPServer):
-    daemon_threads = True
+class PageApp:
+    """The ASGI app: the page's files, and POST /predict through stages.predict's
+    functions, one model run at a time, with at most BODIES request bodies held."""
 
-    def __init__(self, host: str, port: int, predictor: Predictor):
-        if ":" in host:
-            self.address_family = socket.AF_INET6
+    def __init__(self, predictor: Predictor, bodies: int = MAX_BODIES):
         self.predictor = predictor
-        self.lock = threading.Lock()
-        super().__init__((host, port), Handler)
+        self.bodies = bodies
+        self.holding = 0
+        self.model = ThreadPoolExecutor(1, "model")  # one image at a time
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001 - ASGI's signature
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if method == "POST" and path == "/predict":
+            await self.predict(scope["headers"], receive, send)
+        elif method == "POST":
+            await self.send_json(send, HTTPStatus.NOT_FOUND,
+                                 {"error": f"nothing to post to at {path}"})
+        elif method in ("GET", "HEAD") and path in ASSETS:
+            name, content_type = ASSETS[path]
+            body = (PAGE / name).read_bytes()
+            await send({"type": "http.response.start", "status": HTTPStatus.OK,
+                        "headers": headers(content_type, len(body))})
+            await send({"type": "http.response.body", "body": body})
+        elif method in ("GET", "HEAD"):
+            await self.send_json(send, HTTPStatus.NOT_FOUND, {"error": f"nothing at {path}"})
+        else:
+            await self.send_json(send, HTTPStatus.METHOD_NOT_ALLOWED,
+                                 {"error": f"{method} is not served: GET the page, POST /predict"},
+                                 ("Allow", "GET, HEAD, POST"))
+
+    @staticmethod
+    async def send_json(send, status: int, doc: dict, *extra: tuple[str, str],  # noqa: ANN001
+                        more: bool = False) -> None:
+        body = json_bytes(doc)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": headers("application/json", len(body), *extra)})
+        await send({"type": "http.response.body", "body": body, "more_body": more})
+
+    async def predict(self, fields: list[tuple[bytes, bytes]], receive,  # noqa: ANN001
+                      send) -> None:
+        refused = refusal(fields)
+        if refused is not None:
+            await self.send_json(send, refused.status, {"error": str(refused)})
+            return
+        if self.holding >= self.bodies:  # answered at once; the body is read and dropped
+            await self.send_json(send, HTTPStatus.SERVICE_UNAVAILABLE,
+                                 {"error": f"busy: {self.bodies} images are being read; "
+                                           f"try again in {RETRY_AFTER} s"},
+                                 ("Retry-After", str(RETRY_AFTER)), more=True)
+            while (await receive()).get("more_body"):
+                pass
+            await send({"type": "http.response.body", "body": b""})
+            return
+        self.holding += 1
+        try:
+            chunks = []
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # logged by the protocol
+                chunks.append(message["body"])
+                if not message.get("more_body"):
+                    break
+            body = b"".join(chunks)
+            del chunks
+            status, doc = await asyncio.get_running_loop().run_in_executor(
+                self.model, answer, body, self.predictor)
+        finally:
+            self.holding -= 1
+        await self.send_json(send, status, doc)
+
+
+class PageServer:
+    """The page's app under uvicorn, listening from construction on (OSError if it
+    cannot); serve_forever() serves until shutdown()."""
+
+    def __init__(self, host: str, port: int, predictor: Predictor, bodies: int = MAX_BODIES,
+                 deadline: float = DEADLINE):
+        self.socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+            self.socket.listen(BACKLOG)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()
+        config = uvicorn.Config(PageApp(predictor, bodies),
+                                http=partial(PageProtocol, deadline=deadline),
+                                lifespan="off", backlog=BACKLOG, proxy_headers=False,
+                                server_header=False, h11_max_incomplete_event_size=MAX_HEAD,
+                                timeout_graceful_shutdown=5, log_config=LOG_CONFIG)
+        self.server = uvicorn.Server(config)
+        self.stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        try:
+            self.server.run(sockets=[self.socket])
+        finally:
+            self.stopped.set()
+
+    def shutdown(self) -> None:
+        self.server.should_exit = True
+        self.stopped.wait()
+
+    def server_close(self) -> None:
+        self.socket.close()
 
     @property
     def url(self) -> str:
@@ -181,11 +358,17 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="0: any free port")
+    parser.add_argument("--deadline", type=float, default=DEADLINE,
+                        help="seconds a client has to send its whole request, headers and "
+                             f"body (default {DEADLINE:g})")
     model_arguments(parser)
     args = parser.parse_args()
+    if not 0 < args.deadline < 1e6:
+        raise StageError(f"--deadline {args.deadline:g}: give seconds, above 0 and "
+                         "below 1,000,000")
     predictor = load_predictor(args.model, args.ood)  # a bad checkpoint stops us here
     try:
-        server = PageServer(args.host, args.port, predictor)
+        server = PageServer(args.host, args.port, predictor, deadline=args.deadline)
     except OSError as err:
         raise StageError(f"cannot listen on {args.host} port {args.port} "
                          f"({err.strerror or err}); pick another --port or --host") from None

@@ -9,10 +9,17 @@ import base64
 import http.client
 import io
 import json
+import re
+import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -25,7 +32,7 @@ from scripts.page_screenshot import answer, browser_page, draw, serving
 from stages.calibrate import PAGE_PEN, PAGE_SCALE, PAGE_SIDE
 from stages.photos import DEGRADATIONS, photograph
 from stages.predict import Prediction, load_predictor, predict_files, read_digit
-from stages.serve import MAX_BODY, PageServer
+from stages.serve import MAX_BODIES, MAX_BODY, PageServer
 from stages.synthetic import pen_strokes
 
 pytestmark = pytest.mark.slow
@@ -297,3 +304,199 @@ def test_the_server_listens_on_loopback_unless_told(mnist_model, mnist_check):
     proc = subprocess.run([sys.executable, "-m", "stages.serve", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert "default 127.0.0.1" in proc.stdout
+
+
+# --- the server under load: raw sockets on loopback, bounded in count and time -------
+
+@contextmanager
+def served(mnist_model, mnist_check, log: Path, *args: str) -> Iterator[subprocess.Popen]:
+    """`python -m stages.serve --port 0 ARGS` in its own process (its stderr in LOG);
+    yields the process, with its port as .port."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--port", "0", "--model",
+                                 str(mnist_model), "--ood", str(mnist_check[0]), *args],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("serving the page at "), (line, log.read_text())
+            proc.port = urlsplit(line.split()[4]).port
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def rss_mb(pid: int) -> float:
+    """The resident memory of process PID, in MB, as /proc says."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
+
+
+def upload_head(length: int) -> bytes:
+    return (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict, dict]:
+    """The status, the headers and the JSON of the response waiting on SOCK."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, dict(response.getheaders()), json.loads(response.read())
+
+
+def digit_png(mnist) -> bytes:
+    return png(Image.fromarray(mnist["test"][0][1].numpy()))
+
+
+N_HOLDERS = 60
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads memory from /proc")
+def test_uploads_held_open_cost_at_most_max_bodies_bodies(mnist_model, mnist_check, mnist,
+                                                          tmp_path):
+    """60 clients each send a 5 MB upload one byte short and hold it: the server holds
+    at most MAX_BODIES of them (memory stays within 100 MB of idle) and answers the
+    others at once with 503 and Retry-After, then still answers a digit."""
+    with served(mnist_model, mnist_check, tmp_path / "server.log") as proc:
+        assert post(f"http://127.0.0.1:{proc.port}/", digit_png(mnist))[0] == 200
+        idle = rss_mb(proc.pid)
+        socks = [socket.create_connection(("127.0.0.1", proc.port), timeout=30)
+                 for _ in range(N_HOLDERS)]
+        body = bytes(MAX_BODY - 1)
+
+        def hold(sock: socket.socket) -> None:
+            try:
+                sock.sendall(upload_head(MAX_BODY) + body)
+            except OSError:
+                pass  # a cut connection: what the server answered is checked below
+
+        senders = [threading.Thread(target=hold, args=(s,), daemon=True) for s in socks]
+        for sender in senders:
+            sender.start()
+        peak = idle
+        for sender in senders:
+            sender.join(timeout=60)
+            peak = max(peak, rss_mb(proc.pid))
+        for _ in range(20):  # what the server has still to read from the sockets
+            time.sleep(0.1)
+            peak = max(peak, rss_mb(proc.pid))
+        answered, _, _ = select.select(socks, [], [], 5)
+        print(f"server memory: idle {idle:.0f} MB, peak {peak:.0f} MB with {N_HOLDERS} "
+              f"uploads held; {len(answered)} answered at once")
+        assert peak - idle <= 100, f"{peak - idle:.0f} MB above idle"
+        assert len(answered) >= N_HOLDERS - MAX_BODIES
+        for sock in answered:
+            status, headers, doc = read_answer(sock)
+            assert status == 503 and int(headers["Retry-After"]) >= 1 and "busy" in doc["error"]
+        for sock in socks:
+            sock.close()
+        assert post(f"http://127.0.0.1:{proc.port}/", digit_png(mnist))[0] == 200
+
+
+def listen_backlog(port: int) -> int | None:
+    """The listening socket's backlog (ss's Send-Q column), or None without ss."""
+    try:
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                             text=True, timeout=10).stdout
+    except FileNotFoundError:
+        return None
+    return int(out.split()[2])
+
+
+N_AT_ONCE = 80
+
+
+def test_80_simultaneous_requests_are_each_answered_200_or_503(mnist_model, mnist_check, mnist,
+                                                               tmp_path):
+    """80 clients connect and post a digit at the same moment: none is reset, and each
+    gets its answer or a 503 to retry; the kernel queues them (backlog >= 128)."""
+    with served(mnist_model, mnist_check, tmp_path / "server.log") as proc:
+        request = upload_head(len(digit_png(mnist))) + digit_png(mnist)
+        start = threading.Barrier(N_AT_ONCE)
+        outcomes = []
+
+        def client() -> None:
+            start.wait(timeout=30)
+            try:
+                with socket.create_connection(("127.0.0.1", proc.port), timeout=30) as sock:
+                    sock.sendall(request)
+                    outcomes.append(read_answer(sock)[0])
+            except OSError as err:
+                outcomes.append(type(err).__name__)
+
+        clients = [threading.Thread(target=client, daemon=True) for _ in range(N_AT_ONCE)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(timeout=90)
+        counts = {o: outcomes.count(o) for o in set(outcomes)}
+        backlog = listen_backlog(proc.port)
+        print(f"{N_AT_ONCE} requests at once: {counts}; listen backlog {backlog}")
+        assert backlog is None or backlog >= 128, f"listen backlog {backlog}"
+        assert len(outcomes) == N_AT_ONCE and set(outcomes) <= {200, 503}, counts
+        assert counts.get(200, 0) >= 1
+
+
+@pytest.fixture
+def quick_server():
+    """The page's server in this process, with no model and a 2-second deadline."""
+    server = PageServer("127.0.0.1", 0, predictor=None, deadline=2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_trickling_client_is_cut_at_the_deadline(quick_server, part):
+    """A client that sends one header line (or one body byte) every 0.3 s keeps each
+    read short: the connection is cut at the whole-request deadline all the same."""
+    port = quick_server.server_address[1]
+    trickle = [b"X-Slow: %d\r\n" % i for i in range(40)] if part == "headers" else \
+        [b"\x00"] * 40
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(upload_head(1000)[:-2] if part == "headers" else upload_head(1000))
+        began = time.monotonic()
+        cut = None
+        for piece in trickle:  # 12 s at most
+            ready, _, _ = select.select([sock], [], [], 0.3)
+            if ready:
+                try:
+                    data = sock.recv(4096)
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    cut = time.monotonic() - began
+                    break
+            try:
+                sock.sendall(piece)
+            except (BrokenPipeError, ConnectionResetError):
+                cut = time.monotonic() - began
+                break
+    assert cut is not None and 1.5 < cut < 6, f"cut after {cut} s (deadline 2 s)"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", "/")
+    assert conn.getresponse().status == 200
+
+
+N_LEAVERS = 10
+
+
+def test_a_client_that_leaves_early_is_one_log_line(mnist_model, mnist_check, mnist, tmp_path):
+    """Clients that post a digit and leave without the answer (closing, or resetting
+    the connection): at most one log line each, no traceback, and the server goes on."""
+    log = tmp_path / "server.log"
+    with served(mnist_model, mnist_check, log) as proc:
+        request = upload_head(len(digit_png(mnist))) + digit_png(mnist)
+        for i in range(N_LEAVERS):
+            sock = socket.create_connection(("127.0.0.1", proc.port), timeout=5)
+            if i % 2:  # a reset rather than a close
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.sendall(request)
+            sock.close()
+        time.sleep(1)  # the server meets the closed connections
+        assert post(f"http://127.0.0.1:{proc.port}/", digit_png(mnist))[0] == 200
+        text = log.read_text()
+    assert "Traceback" not in text and "Error" not in text, text[:2000]
+    lines = [line for line in text.splitlines() if "POST /predict" not in line or " 200" not in line]
+    assert len(lines) <= N_LEAVERS, "\n".join(lines)
