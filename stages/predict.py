@@ -33,7 +33,7 @@ from stages.common import StageError, load_torch, run_cli
 from stages.data import to_device
 from stages.model import from_checkpoint, predict
 from stages.ood import DigitCheck, features, load_check, logits_of
-from stages.sheet import to_mnist
+from stages.sheet import cv2, to_mnist
 
 BATCH_SIZE = 256
 OOD_JSON = "models/ood.json"  # the digit check, written by the calibrate stage
@@ -147,19 +147,48 @@ def unit_range(grey: np.ndarray, floating: bool) -> np.ndarray:
     return np.clip((grey - low) * (255 / (top - low)), 0, 255)
 
 
+def deep_colour(image: Image.Image) -> bool:
+    """Whether IMAGE is colour of 16 bits a channel (a PNG or TIFF), which Pillow reads
+    as 8 bits a channel: the high bytes only."""
+    if image.format not in ("PNG", "TIFF") or image.mode not in ("RGB", "RGBA") or not image.tile:
+        return False
+    args = image.tile[0].args
+    return ";16" in (args if isinstance(args, str) else str(args[0]) if args else "")
+
+
+def deep_colour_grey(image: Image.Image) -> Image.Image | None:
+    """A deep_colour IMAGE's grey levels, decoded from its file by OpenCV, with all 16 bits,
+    and reduced as reduced() does: mode I;16, or F where transparency was laid over
+    white (65535); None where OpenCV cannot decode it so."""
+    image.fp.seek(0)
+    pixels = cv2.imdecode(np.frombuffer(image.fp.read(), np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3:
+        return None
+    grey = cv2.cvtColor(np.ascontiguousarray(pixels[..., :3]), cv2.COLOR_BGR2GRAY)
+    if pixels.shape[2] == 4:
+        alpha = pixels[..., 3] / np.float32(65535)
+        grey = grey * alpha + 65535 * (1 - alpha)
+    return reduced(Image.fromarray(grey))
+
+
 def grey_levels(image: Image.Image) -> np.ndarray:
     """The image's first frame, upright as its EXIF orientation says, reduced to at most
     WORK_SIDE pixels a side, as grey levels 0–255 (float): transparency laid over white,
-    16-bit and floating-point images scaled by the range they use (unit_range).
+    16-bit (grey or colour), 32-bit and floating-point images scaled by the range their
+    values use (unit_range).
 
-    Everything before the last line happens in Pillow, on the image's own bytes, and the
-    reduction comes first: a large image is never copied at full size, nor becomes a
-    large float array. A JPEG is decoded straight to grey at the smallest of 1/1, 1/2,
-    1/4 or 1/8 scale that keeps WORK_SIDE pixels.
+    Everything before the last lines happens in Pillow (in OpenCV for 16-bit colour,
+    which Pillow reads as 8 bits), on the image's own pixels, and the reduction comes
+    first: an image is never copied at full size (a 16-bit colour one once, in grey),
+    nor becomes a large float array. A JPEG is decoded straight to grey at the smallest
+    of 1/1, 1/2, 1/4 or 1/8 scale that keeps WORK_SIDE pixels.
     """
     image.draft("L", (WORK_SIDE, WORK_SIDE))  # JPEG only; other formats ignore it
     wide = image.mode in ("I", "F") or image.mode.startswith("I;16")
-    if wide or not (image.has_transparency_data or image.mode in ("1", "P")):
+    small = deep_colour_grey(image) if deep_colour(image) else None
+    if small is not None:
+        wide = True
+    elif wide or not (image.has_transparency_data or image.mode in ("1", "P")):
         small = reduced(image)
     else:  # Pillow resizes 1 and P by nearest neighbour, RGBA at full size premultiplied
         small = reduced_grey(image)

@@ -453,3 +453,32 @@ SAVE_DIGIT = """
 import numpy as np
 np.save(Path(sys.argv[1]).with_suffix(".npy"), digit)
 """
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tiff"])
+@pytest.mark.parametrize("size", [(300, 260), (2100, 1700)])  # the second is reduced
+def test_16_bit_colour_is_read_with_all_its_bits(tmp_path, suffix, size):
+    """Pillow reads 16-bit colour as its high bytes: a 12-bit colour scan's paper at
+    920 of 65535 became 3 of 255."""
+    import cv2
+
+    paper = on_paper(font_digits(1, seed=8)[0][0].numpy(), size=size, offset=(300, 200)
+                     if size[0] > 1000 else (37, 11))
+    reference = to_mnist(grey_levels(paper))
+    values = np.asarray(paper, np.float64)[..., None] * np.array([0.93, 0.97, 1.0]) * 920 / 255
+    path = tmp_path / f"scan{suffix}"
+    cv2.imwrite(str(path), values.round().astype(np.uint16))  # BGR: a warm paper
+    with Image.open(path) as saved:
+        assert saved.mode == "RGB" and saved.getextrema()[0][1] <= 3  # as Pillow sees it
+    assert np.abs(read_digit(path).astype(int) - reference).mean() < 3
+
+
+def test_16_bit_colour_with_transparency_is_laid_over_white(tmp_path):
+    import cv2
+
+    paper = on_paper(font_digits(1, seed=8)[0][0].numpy())
+    reference = to_mnist(grey_levels(paper))
+    pixels = np.zeros((*np.asarray(paper).shape, 4), np.uint16)  # black ink ...
+    pixels[..., 3] = (255 - np.asarray(paper, np.uint16)) * 257  # ... where it is opaque
+    cv2.imwrite(str(tmp_path / "ink.png"), pixels)
+    assert np.abs(read_digit(tmp_path / "ink.png").astype(int) - reference).mean() < 3
