@@ -417,13 +417,16 @@ def test_a_large_image_is_turned_upright_after_its_reduction(tmp_path, orientati
     assert np.abs(read_digit(tmp_path / name).astype(int) - expected).mean() < 2
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "1"])
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "P with a transparent colour", "1"])
 def test_strips_give_the_image_converted_then_reduced(mode):
     from stages.predict import STRIP_ROWS, grey_of, reduced_grey
 
     rng = np.random.default_rng(9)
     noise = Image.fromarray(rng.integers(0, 256, (2 * STRIP_ROWS + 77, 2500, 4), np.uint8))
-    image = noise.convert(mode) if mode != "LA" else noise.convert("L").convert("LA")
+    image = noise.convert(mode.split()[0]) if mode != "LA" else noise.convert("L").convert("LA")
+    if mode == "P with a transparent colour":
+        image.info["transparency"] = 3
+        assert image.has_transparency_data
     whole = grey_of(image).reduce(3)
     assert np.array_equal(np.asarray(reduced_grey(image)), np.asarray(whole))
 
