@@ -8,8 +8,8 @@ Writes: one line per file to stdout: the digit, its probability and the runner-u
         JSON object per line); one line per bad file, and exit 1.
 Params: none (the normalisation statistics come from the checkpoint).
 
-Each image is turned upright as its EXIF orientation says, reduced in Pillow to at
-most WORK_SIDE pixels a side, and made into grey levels; stages/sheet.py finds the
+Each image is reduced in Pillow to at most WORK_SIDE pixels a side, turned upright as
+its EXIF orientation says, and made into grey levels; stages/sheet.py finds the
 digit on it (a scan, a drawing, or a photo of a sheet in uneven light, on ruled paper)
 and frames it as MNIST's digits were. The server (stages/serve.py) reads images
 through the same functions.
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from stages.common import StageError, load_torch, run_cli
 from stages.data import to_device
 from stages.model import from_checkpoint, predict
 from stages.ood import DigitCheck, features, load_check, logits_of
-from stages.sheet import to_mnist
+from stages.sheet import cv2, to_mnist
 
 BATCH_SIZE = 256
 OOD_JSON = "models/ood.json"  # the digit check, written by the calibrate stage
@@ -82,40 +82,122 @@ def expand_paths(paths: list[Path]) -> list[Path | Failure]:
     return items
 
 
+def reduction(image: Image.Image) -> int:
+    """The factor that brings IMAGE's longer side to at most WORK_SIDE pixels (1: none)."""
+    return -(-max(image.size) // WORK_SIDE)
+
+
 def reduced(image: Image.Image) -> Image.Image:
     """IMAGE averaged over square boxes (in Pillow) until its longer side is at most
     WORK_SIDE pixels; small images as they are."""
-    factor = -(-max(image.size) // WORK_SIDE)
+    factor = reduction(image)
     if factor <= 1:
         return image
     size = (-(-image.width // factor), -(-image.height // factor))
     return image.resize(size, Image.Resampling.BOX)
 
 
+STRIP_ROWS = 256  # rows converted at a time, where conversion must come before reduction
+
+
+def grey_of(image: Image.Image) -> Image.Image:
+    """IMAGE in mode L, transparency laid over white."""
+    if image.has_transparency_data:
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+    return image.convert("L")
+
+
+def reduced_grey(image: Image.Image) -> Image.Image:
+    """grey_of(IMAGE), reduced as reduced() does, for images that Pillow cannot average
+    as they are (transparency, palettes, 1-bit): converted and averaged a strip of rows
+    at a time, so that only the decoded image itself is ever full size."""
+    factor = reduction(image)
+    if factor <= 1:
+        return grey_of(image)
+    rows = factor * -(-STRIP_ROWS // factor)
+    grey = Image.new("L", (-(-image.width // factor), -(-image.height // factor)))
+    for top in range(0, image.height, rows):
+        strip = image.crop((0, top, image.width, min(top + rows, image.height)))
+        grey.paste(grey_of(strip).reduce(factor), (0, top // factor))
+    return grey
+
+
+# EXIF orientation: the transposition that turns the stored pixels upright, as in
+# ImageOps.exif_transpose; it commutes with the reduction, so it is done after it
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+           6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def unit_range(grey: np.ndarray, floating: bool) -> np.ndarray:
+    """Grey levels 0–255 from the values of a 16-bit, 32-bit or floating-point image:
+    from 0 (or the lowest value, if negative) to the top of the range the values use,
+    which is 1 for floats up to 1, 255 for values up to 255 (8-bit values in a wider
+    type), and else the highest value (a 12-bit scan stored as 16 bits). NaN and
+    infinities become the median of the other values: the paper, in a scan or a photo."""
+    finite = np.isfinite(grey)
+    if not finite.any():
+        raise StageError("no ink: the image holds no finite values (NaN or infinity)")
+    if not finite.all():
+        grey = np.where(finite, grey, np.median(grey[finite]))
+    low, high = min(float(grey.min()), 0.0), float(grey.max())
+    top = 1.0 if floating and high <= 1 else 255.0 if high <= 255 else high
+    return np.clip((grey - low) * (255 / (top - low)), 0, 255)
+
+
+def deep_colour(image: Image.Image) -> bool:
+    """Whether IMAGE is colour of 16 bits a channel (a PNG or TIFF), which Pillow reads
+    as 8 bits a channel: the high bytes only."""
+    if image.format not in ("PNG", "TIFF") or image.mode not in ("RGB", "RGBA") or not image.tile:
+        return False
+    args = image.tile[0].args
+    return ";16" in (args if isinstance(args, str) else str(args[0]) if args else "")
+
+
+def deep_colour_grey(image: Image.Image) -> Image.Image | None:
+    """A deep_colour IMAGE's grey levels, decoded from its file by OpenCV, with all 16 bits,
+    and reduced as reduced() does: mode I;16, or F where transparency was laid over
+    white (65535); None where OpenCV cannot decode it so."""
+    image.fp.seek(0)
+    pixels = cv2.imdecode(np.frombuffer(image.fp.read(), np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype != np.uint16 or pixels.ndim != 3:
+        return None
+    grey = cv2.cvtColor(np.ascontiguousarray(pixels[..., :3]), cv2.COLOR_BGR2GRAY)
+    if pixels.shape[2] == 4:
+        alpha = pixels[..., 3] / np.float32(65535)
+        grey = grey * alpha + 65535 * (1 - alpha)
+    return reduced(Image.fromarray(grey))
+
+
 def grey_levels(image: Image.Image) -> np.ndarray:
     """The image's first frame, upright as its EXIF orientation says, reduced to at most
     WORK_SIDE pixels a side, as grey levels 0–255 (float): transparency laid over white,
-    16-bit and floating-point images scaled to that range.
+    16-bit (grey or colour), 32-bit and floating-point images scaled by the range their
+    values use (unit_range).
 
-    Everything before the last line happens in Pillow, on the image's own bytes: a
-    large image never becomes a large float array. A JPEG is decoded straight to grey
-    at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that keeps WORK_SIDE pixels.
+    Everything before the last lines happens in Pillow (in OpenCV for 16-bit colour,
+    which Pillow reads as 8 bits), on the image's own pixels, and the reduction comes
+    first: an image is never copied at full size (a 16-bit colour one once, in grey),
+    nor becomes a large float array. A JPEG is decoded straight to grey at the smallest
+    of 1/1, 1/2, 1/4 or 1/8 scale that keeps WORK_SIDE pixels.
     """
     image.draft("L", (WORK_SIDE, WORK_SIDE))  # JPEG only; other formats ignore it
-    ImageOps.exif_transpose(image, in_place=True)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        top = image.getextrema()[1]
-        scale = 255 / 65535 if top > 255 else 255.0 if image.mode == "F" and top <= 1 else 1.0
-        grey = np.asarray(reduced(image).convert("F"), dtype=np.float64)
-        return np.clip(grey * scale, 0, 255)
-    if image.has_transparency_data:
-        image = reduced(image.convert("RGBA"))
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-    elif image.mode in ("1", "P"):  # Pillow resizes these by nearest neighbour
-        image = reduced(image.convert("L"))
-    else:
-        image = reduced(image)
-    return np.asarray(image.convert("L"), dtype=np.float64)
+    wide = image.mode in ("I", "F") or image.mode.startswith("I;16")
+    small = deep_colour_grey(image) if deep_colour(image) else None
+    if small is not None:
+        wide = True
+    elif wide or not (image.has_transparency_data or image.mode in ("1", "P")):
+        small = reduced(image)
+    else:  # Pillow resizes 1 and P by nearest neighbour, RGBA at full size premultiplied
+        small = reduced_grey(image)
+    method = UPRIGHT.get(image.getexif().get(ExifTags.Base.Orientation))
+    if method is not None:
+        small = small.transpose(method)
+    if wide:
+        return unit_range(np.asarray(small.convert("F"), dtype=np.float64), image.mode == "F")
+    return np.asarray(small.convert("L"), dtype=np.float64)
 
 
 def too_large(pixels: str) -> StageError:

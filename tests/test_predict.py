@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -330,3 +331,157 @@ def test_predict_files_takes_a_loaded_model(model_path, tmp_path, monkeypatch):
     first = predict_files(good, loaded)
     assert predict_files(good, loaded) == first
     assert [r.digit for r in first] == [r.digit for r in predict_files(good[::-1], loaded)][::-1]
+
+
+# --- precision: the range an image's values use; NaN and infinity -----------------
+
+def paper_values(top: float) -> np.ndarray:
+    """A font digit on paper as floats from 0 (ink) to TOP (paper)."""
+    return np.asarray(on_paper(font_digits(1, seed=8)[0][0].numpy()), np.float64) * top / 255
+
+
+@pytest.mark.parametrize("name, top, make", [
+    # a 12-bit scanner's values in a 16-bit PNG: 255/65535 made its paper 3.6 grey levels
+    ("scan12.png", 920, lambda a: Image.fromarray(a.round().astype(np.uint16))),
+    ("float4095.tiff", 4095, lambda a: Image.fromarray(a.astype(np.float32))),
+    ("int32.tiff", 100_000, lambda a: Image.fromarray(a.round().astype(np.int32))),
+    ("signed.tiff", 2, lambda a: Image.fromarray((a - 1).astype(np.float32))),  # -1 to 1
+])
+def test_wide_images_are_scaled_by_the_range_they_use(tmp_path, name, top, make):
+    reference = to_mnist(paper_values(255))
+    path = tmp_path / name
+    image = make(paper_values(top))
+    image.save(path)
+    with Image.open(path) as saved:
+        assert saved.mode == image.mode and saved.mode in ("I;16", "F", "I")
+    assert np.abs(read_digit(path).astype(int) - reference).mean() < 3
+
+
+@pytest.mark.parametrize("bad", [[np.nan], [np.inf], [np.nan, -np.inf, np.inf]])
+def test_nan_and_infinity_are_read_as_paper_without_a_warning(tmp_path, bad):
+    values = paper_values(1).astype(np.float32)
+    reference = read_digit_of(Image.fromarray(values), tmp_path / "clean.tiff")
+    spots = [(0, 0), (130, 150), (200, 40)]  # a corner, and two in or near the digit
+    for (row, col), value in zip(spots, bad * 3):
+        values[row, col] = value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning on stderr fails here
+        digit = read_digit_of(Image.fromarray(values), tmp_path / "spots.tiff")
+    assert np.abs(digit.astype(int) - reference).mean() < 1
+
+
+def read_digit_of(image: Image.Image, path: Path) -> np.ndarray:
+    image.save(path)
+    return read_digit(path)
+
+
+def test_an_image_of_nan_only_is_one_line(tmp_path):
+    path = tmp_path / "nan.tiff"
+    Image.fromarray(np.full((40, 30), np.nan, np.float32)).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(StageError, match="^no ink: the image holds no finite values"):
+            read_digit(path)
+
+
+# --- large images: reduced first, then turned upright and made grey ----------------
+
+def sheet_with_a_seven(side: int, mode: str) -> Image.Image:
+    """A SIDE×SIDE sheet, transparent in mode RGBA, with a large 7 in black ink."""
+    image = Image.new(mode, (side, side), (255, 255, 255, 0) if mode == "RGBA" else "white")
+    ImageDraw.Draw(image).line([(side // 4, side // 4), (3 * side // 4, side // 4),
+                                (side // 2, 3 * side // 4)], fill="black", width=side // 25)
+    return image
+
+
+def stored_with_orientation(upright: Image.Image, orientation: int, path: Path, **save):
+    """UPRIGHT saved at PATH as a camera stores it under EXIF ORIENTATION."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    undo = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_270}
+    upright.transpose(undo[orientation]).save(path, exif=exif, **save)
+
+
+@pytest.mark.parametrize("orientation", [5, 6, 8])
+@pytest.mark.parametrize("name, mode", [("big.png", "RGBA"), ("big.jpg", "RGB"),
+                                        ("palette.png", "P")])
+def test_a_large_image_is_turned_upright_after_its_reduction(tmp_path, orientation, name, mode):
+    upright = sheet_with_a_seven(2100, "RGB").crop((0, 0, 2100, 1700))  # reduced by 3
+    if mode == "RGBA":  # the white paper made transparent
+        upright.putalpha(ImageOps.invert(upright.convert("L")))
+    stored_with_orientation(upright.convert(mode), orientation, tmp_path / name)
+    expected = to_mnist(np.asarray(upright.convert("L").reduce(3), np.float64))
+    assert np.abs(read_digit(tmp_path / name).astype(int) - expected).mean() < 2
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "P with a transparent colour", "1"])
+def test_strips_give_the_image_converted_then_reduced(mode):
+    from stages.predict import STRIP_ROWS, grey_of, reduced_grey
+
+    rng = np.random.default_rng(9)
+    noise = Image.fromarray(rng.integers(0, 256, (2 * STRIP_ROWS + 77, 2500, 4), np.uint8))
+    image = noise.convert(mode.split()[0]) if mode != "LA" else noise.convert("L").convert("LA")
+    if mode == "P with a transparent colour":
+        image.info["transparency"] = 3
+        assert image.has_transparency_data
+    whole = grey_of(image).reduce(3)
+    assert np.array_equal(np.asarray(reduced_grey(image)), np.asarray(whole))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
+                    reason="measures the peak memory through Linux's /proc")
+def test_a_large_rgba_png_with_an_exif_orientation_is_read_in_little_memory(tmp_path):
+    """A 6000×6000 RGBA PNG turned upright, and then made RGBA and grey, at full size
+    took 440 MB over the process; decoding it alone takes 144 MB."""
+    upright = sheet_with_a_seven(6000, "RGBA")
+    path = tmp_path / "big.png"
+    stored_with_orientation(upright, 6, path)
+    proc = subprocess.run([sys.executable, "-c", PEAK_MEMORY + SAVE_DIGIT, str(path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    grown_mb, inked = map(int, proc.stdout.split())
+    assert grown_mb < 300, f"peak memory grew by {grown_mb} MB"
+    small = Image.new("RGBA", (1000, 1000), "white")
+    small.alpha_composite(upright.reduce(6))
+    expected = to_mnist(np.asarray(small.convert("L"), np.float64))
+    assert inked > 50 and np.abs(np.load(path.with_suffix(".npy")).astype(int)
+                                 - expected).mean() < 2
+
+
+SAVE_DIGIT = """
+import numpy as np
+np.save(Path(sys.argv[1]).with_suffix(".npy"), digit)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tiff"])
+@pytest.mark.parametrize("size", [(300, 260), (2100, 1700)])  # the second is reduced
+def test_16_bit_colour_is_read_with_all_its_bits(tmp_path, suffix, size):
+    """Pillow reads 16-bit colour as its high bytes: a 12-bit colour scan's paper at
+    920 of 65535 became 3 of 255."""
+    import cv2
+
+    paper = on_paper(font_digits(1, seed=8)[0][0].numpy(), size=size, offset=(300, 200)
+                     if size[0] > 1000 else (37, 11))
+    reference = to_mnist(grey_levels(paper))
+    values = np.asarray(paper, np.float64)[..., None] * np.array([0.93, 0.97, 1.0]) * 920 / 255
+    path = tmp_path / f"scan{suffix}"
+    cv2.imwrite(str(path), values.round().astype(np.uint16))  # BGR: a warm paper
+    with Image.open(path) as saved:
+        assert saved.mode == "RGB" and saved.getextrema()[0][1] <= 3  # as Pillow sees it
+    assert np.abs(read_digit(path).astype(int) - reference).mean() < 3
+
+
+def test_16_bit_colour_with_transparency_is_laid_over_white(tmp_path):
+    import cv2
+
+    paper = on_paper(font_digits(1, seed=8)[0][0].numpy())
+    reference = to_mnist(grey_levels(paper))
+    pixels = np.zeros((*np.asarray(paper).shape, 4), np.uint16)  # black ink ...
+    pixels[..., 3] = (255 - np.asarray(paper, np.uint16)) * 257  # ... where it is opaque
+    cv2.imwrite(str(tmp_path / "ink.png"), pixels)
+    assert np.abs(read_digit(tmp_path / "ink.png").astype(int) - reference).mean() < 3

@@ -69,14 +69,44 @@ function canvasBlob() {
   return new Promise((resolve) => pad.toBlob(resolve, "image/png"));
 }
 
+// the file that was sent, shown under the pad as the browser sees it (a drawing is
+// on the pad itself: nothing to show). A data: URL, read here: nothing is fetched
+let reading = null;  // the FileReader of the file to show, while it reads
+
+function showSent(file) {
+  const image = $("sent-image");
+  if (reading) reading.abort();
+  reading = null;
+  image.onload = image.onerror = null;
+  image.removeAttribute("src");
+  $("sent").hidden = !file;
+  if (!file) return;
+  $("sent-caption").textContent = "What was sent";
+  image.onload = () => {
+    $("sent-caption").textContent = `What was sent: ${image.naturalWidth}×${image.naturalHeight} pixels`;
+  };
+  image.onerror = () => {
+    $("sent-caption").textContent = "What was sent: this browser cannot show its format; the server reads it all the same";
+  };
+  const reader = new FileReader();
+  reader.onload = () => {
+    reading = null;
+    image.src = reader.result;
+  };
+  reading = reader;
+  reader.readAsDataURL(file);
+}
+
 function sendCanvas() {
   $("source").textContent = "the pad";
+  showSent(null);
   queue(canvasBlob);
 }
 
 function sendFile(file) {
   if (!file) return;
   $("source").textContent = `file: ${file.name}`;
+  showSent(file);
   queue(() => Promise.resolve(file));
 }
 
@@ -150,6 +180,7 @@ $("clear").addEventListener("click", () => {
   $("answer").hidden = true;
   $("message").hidden = true;
   $("source").textContent = "";
+  showSent(null);
   setState();
 });
 $("predict").addEventListener("click", sendCanvas);
