@@ -72,11 +72,13 @@ docs: setup
 
 # Push and pull through the default DVC remote, checked first (docs/sharing.md); over
 # SSH, the server's host key must be in $KNOWN_HOSTS (default ~/.ssh/known_hosts).
+# DVC_ARGS go on to DVC: targets, --allow-missing, -r NAME (then NAME is the remote checked).
+DVC_ARGS ?=
 push: setup
-	python -m tools.share push
+	python -m tools.share push -- $(DVC_ARGS)
 
 pull: setup
-	python -m tools.share pull
+	python -m tools.share pull -- $(DVC_ARGS)
 
 # A sweep split over machines: each pushes its experiments (EXP: names; default all of
 # this commit's) to the git remote and the DVC remote, and anyone pulls them all.
