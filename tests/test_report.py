@@ -54,25 +54,6 @@ def test_dvc_status_splits_into_changes_and_what_only_the_cache_can_check():
     assert unchecked == ["data/prepared", "models/model.pt"]
 
 
-def test_a_diff_table_per_file_and_a_line_for_a_file_a_revision_lacks():
-    """REPO's HEAD has both files; its root commit has neither."""
-    root = sh("git", "rev-list", "--max-parents=0", "HEAD", cwd=REPO, env=os.environ
-              ).stdout.split()[0]
-    revs = {"base": report.resolve(REPO, "base", "HEAD"),
-            "head": report.resolve(REPO, "head", root)}
-    diff = {"metrics/eval.json": {"accuracy": {"old": 99.561234567, "new": None}},
-            "metrics/ood.json": {f"k{i}": {"old": i, "new": i + 1, "diff": 1}
-                                 for i in range(report.FOLDED + 1)}}
-    parts = report.diff_markdown(REPO, diff, revs["base"], revs["head"], "metrics")
-    label = revs["head"].label
-    assert parts[:2] == [f"{label} has no `metrics/eval.json`: its metrics show as {docs.DASH}.",
-                         f"{label} has no `metrics/ood.json`: its metrics show as {docs.DASH}."]
-    assert parts[2].splitlines()[-1] == f"| `accuracy` | 99.56123 | {docs.DASH} | {docs.DASH} |"
-    assert parts[3].startswith("<details><summary><code>metrics/ood.json</code>: 13 changed")
-    assert report.diff_markdown(REPO, {}, revs["base"], revs["head"], "params") == [
-        "No params changed."]
-
-
 def test_a_change_in_test_accuracy_is_set_against_the_seed_to_seed_sd():
     # by hand: finals 99.50, 99.55, 99.60 have mean 99.55 and deviations −0.05, 0, +0.05,
     # so SD² = (0.0025 + 0 + 0.0025) / (3 − 1) = 0.0025 and SD = 0.05
@@ -189,6 +170,26 @@ def tiny(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         sh("git", "add", "-A", cwd=root, env=env)
         sh("git", "commit", "-qm", title, cwd=root, env=env)
     return root, env
+
+
+@pytest.mark.slow
+def test_a_diff_table_per_file_and_a_line_for_a_file_a_revision_lacks(tiny):
+    """The tiny project's base has metrics/seeds.json, its head not; neither has ood.json."""
+    root, _ = tiny
+    base, head = (report.resolve(root, role, rev) for role, rev in (("base", "HEAD^"),
+                                                                    ("head", "HEAD")))
+    diff = {"metrics/seeds.json": {"seeds.1.final": {"old": 99.561234567, "new": None}},
+            "metrics/ood.json": {f"k{i}": {"old": i, "new": i + 1, "diff": 1}
+                                 for i in range(report.FOLDED + 1)}}
+    parts = report.diff_markdown(root, diff, base, head, "metrics")
+    assert parts[:3] == [
+        f"{head.label} has no `metrics/seeds.json`: its metrics show as {docs.DASH}.",
+        f"{base.label} has no `metrics/ood.json`: its metrics show as {docs.DASH}.",
+        f"{head.label} has no `metrics/ood.json`: its metrics show as {docs.DASH}."]
+    assert parts[3].splitlines()[-1] == (f"| `seeds.1.final` | 99.56123 | {docs.DASH} | "
+                                         f"{docs.DASH} |")
+    assert parts[4].startswith("<details><summary><code>metrics/ood.json</code>: 13 changed")
+    assert report.diff_markdown(root, {}, base, head, "params") == ["No params changed."]
 
 
 @pytest.mark.slow

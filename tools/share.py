@@ -1,6 +1,6 @@
 """DVC push and pull, and a sweep's `dvc exp push|pull`, with checks and one-line errors.
 
-All four go through the default DVC remote:
+All four go through the default DVC remote, or the one named after `--`:
 
     python -m tools.share push [TARGET ...]                  # make push
     python -m tools.share pull [TARGET ...]                  # make pull
@@ -109,11 +109,6 @@ def dvc_arguments(command: str, args: list[str]) -> argparse.Namespace:
     if not said:
         raise ShareError(f"{given} asks only for help: run `{dvc} --help`")
     raise ShareError(f"{given}: {said[0]} (`{dvc} --help` lists what it takes)")
-
-
-def default_remote() -> tuple[str, dict]:
-    """The default remote's name and settings; see remote()."""
-    return remote(None)
 
 
 def remote(name: str | None) -> tuple[str, dict]:
