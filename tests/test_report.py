@@ -354,6 +354,18 @@ def test_a_revision_that_lacks_outputs_gets_a_line_each_and_the_rest(clone, monk
 
 
 @pytest.mark.slow
+def test_a_base_with_a_quote_and_a_semicolon_stays_a_name(clone):
+    """A branch may be named so (git allows both); report.yml passes the pull request's
+    base branch to `make report BASE=...`."""
+    path, env = clone
+    base = "x';touch pwned;'"
+    proc = make("report", path, env, f"BASE={base}", check=False)
+    assert proc.returncode != 0
+    assert f"error: base revision {base!r} is not a commit in this repository" in proc.stderr
+    assert not (path / "pwned").exists()
+
+
+@pytest.mark.slow
 def test_a_name_git_does_not_know_is_one_line_and_exit_1(tmp_path):
     env = make_env(tmp_path)
     proc = sh(sys.executable, "-m", "tools.report", "--base", "no-such-rev",

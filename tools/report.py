@@ -561,11 +561,11 @@ def main(argv: list[str] | None = None) -> None:
     raise_on_signals()
     try:
         figures = write_report(Path.cwd(), args.base, args.head, args.out)
+        print(f"wrote {args.out} and {figures}/")
     except Interrupted as stop:  # cleaned up on the way here: die of the signal
         signal.signal(stop.signum, signal.SIG_DFL)
         os.kill(os.getpid(), stop.signum)
         raise
-    print(f"wrote {args.out} and {figures}/")
 
 
 if __name__ == "__main__":
