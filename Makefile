@@ -72,21 +72,29 @@ docs: setup
 
 # Push and pull through the default DVC remote, checked first (docs/sharing.md); over
 # SSH, the server's host key must be in $KNOWN_HOSTS (default ~/.ssh/known_hosts).
+# DVC_ARGS go on to DVC: targets, --allow-missing, -r NAME (then NAME is the remote checked).
+# These targets' recipes read what they are given as shell variables ("$$NAME", set
+# through `export`), not pasted into the command line, so that a name with a quote or a
+# `;` in it (a branch, a workflow's input) stays a value and never becomes shell code.
+DVC_ARGS ?=
+push pull: export SHARE_DVC_ARGS = $(DVC_ARGS)
 push: setup
-	python -m tools.share push
+	python -m tools.share push -- $$SHARE_DVC_ARGS
 
 pull: setup
-	python -m tools.share pull
+	python -m tools.share pull -- $$SHARE_DVC_ARGS
 
 # A sweep split over machines: each pushes its experiments (EXP: names; default all of
 # this commit's) to the git remote and the DVC remote, and anyone pulls them all.
 GIT_REMOTE ?= origin
 EXP ?=
+exp-push exp-pull: export SHARE_GIT_REMOTE = $(GIT_REMOTE)
+exp-push exp-pull: export SHARE_EXP = $(EXP)
 exp-push: setup
-	python -m tools.share exp-push $(GIT_REMOTE) $(EXP)
+	python -m tools.share exp-push "$$SHARE_GIT_REMOTE" $$SHARE_EXP
 
 exp-pull: setup
-	python -m tools.share exp-pull $(GIT_REMOTE) $(EXP)
+	python -m tools.share exp-pull "$$SHARE_GIT_REMOTE" $$SHARE_EXP
 
 bench: setup
 	python -m benchmarks.train_speed
@@ -98,8 +106,11 @@ bench: setup
 BASE ?= main
 HEAD ?= HEAD
 REPORT ?= report.md
+report: export REPORT_BASE = $(BASE)
+report: export REPORT_HEAD = $(HEAD)
+report: export REPORT_OUT = $(REPORT)
 report: $(STAMP)
-	python -m tools.report --base '$(BASE)' --head '$(HEAD)' --out $(REPORT)
+	python -m tools.report --base "$$REPORT_BASE" --head "$$REPORT_HEAD" --out "$$REPORT_OUT"
 
 # The page to draw a digit on (docs/use.md), after `make repro` or `dvc pull`.
 # HOST=0.0.0.0 lets other machines reach it: read docs/use.md first.

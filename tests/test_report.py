@@ -1,14 +1,22 @@
-"""tools.report: its parts on small inputs made here, then `make report` on the real step
-commits in a fresh clone, on a revision that lacks outputs, and on a name git does not know."""
+"""tools.report: its parts on small inputs made here, a tiny DVC project of two commits
+(params, metrics, the seeds' spread, a signal mid-run), then `make report` on the real
+step commits in a fresh clone, on a revision that lacks outputs, and on a name git does
+not know."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 from clones import make, make_env, sh
@@ -46,15 +54,29 @@ def test_dvc_status_splits_into_changes_and_what_only_the_cache_can_check():
     assert unchecked == ["data/prepared", "models/model.pt"]
 
 
-def test_a_diff_table_per_file_and_a_line_for_a_file_a_revision_lacks():
-    diff = {"metrics/eval.json": {"accuracy": {"old": 99.561234567, "new": None}},
-            "metrics/ood.json": {f"k{i}": {"old": i, "new": i + 1, "diff": 1}
-                                 for i in range(report.FOLDED + 1)}}
-    parts = report.diff_markdown(diff, REV["base"], REV["head"], "metrics")
-    assert parts[0] == f"head bbbbbbb has no `metrics/eval.json`: its metrics show as {docs.DASH}."
-    assert parts[1].splitlines()[-1] == f"| `accuracy` | 99.56123 | {docs.DASH} | {docs.DASH} |"
-    assert parts[2].startswith("<details><summary><code>metrics/ood.json</code>: 13 changed")
-    assert report.diff_markdown({}, REV["base"], REV["head"], "params") == ["No params changed."]
+def test_a_change_in_test_accuracy_is_set_against_the_seed_to_seed_sd():
+    # by hand: finals 99.50, 99.55, 99.60 have mean 99.55 and deviations −0.05, 0, +0.05,
+    # so SD² = (0.0025 + 0 + 0.0025) / (3 − 1) = 0.0025 and SD = 0.05
+    seeds = {"seeds": {str(i): {"final": acc} for i, acc in enumerate((99.5, 99.55, 99.6), 1)}}
+    sd, n = report.seed_spread(json.dumps(seeds))
+    assert n == 3 and sd == pytest.approx(0.05)
+    assert report.against_spread(-0.01, sd) == "−0.01, within one seed-to-seed SD (0.05)"
+    assert report.against_spread(0.12, sd) == "+0.12, 2.4 seed-to-seed SDs (0.05)"
+    assert report.against_spread(0.12, 0.03) == "+0.12, 4.0 seed-to-seed SDs (0.03)"
+    diff = {"metrics/eval.json": {"accuracy": {"old": 99.56, "new": 99.55,
+                                               "diff": -0.010000000000005116},
+                                  "errors": {"old": 44, "new": 45, "diff": 1}},
+            "metrics/train/metrics.json": {"test.acc": {"old": 99.56, "new": 99.55,
+                                                        "diff": -0.01},
+                                           "best.test_acc": {"old": 99.6, "new": 99.5,
+                                                             "diff": -0.1}}}
+    assert report.test_accuracy_changes(diff) == {
+        -0.01: ["`metrics/eval.json` `accuracy`", "`metrics/train/metrics.json` `test.acc`"]}
+    assert report.test_accuracy_changes({"metrics/eval.json": {"errors": {"diff": 1}}}) == {}
+    with pytest.raises(StageError, match="holds 1 seed, too few"):
+        report.seed_spread(json.dumps({"seeds": {"1": {"final": 99.5}}}))
+    with pytest.raises(StageError, match="^metrics/seeds.json is unreadable"):
+        report.seed_spread("{}")
 
 
 def test_the_digits_that_changed_and_the_confusion_change():
@@ -116,6 +138,163 @@ def test_a_shallow_clone_says_how_to_get_the_history(tmp_path):
         report.resolve(shallow, "base", BASE)
 
 
+# --- a tiny DVC project of two commits ------------------------------------------------
+
+SEEDS_DOC = {"seeds": {str(i): {"final": acc} for i, acc in enumerate((99.5, 99.55, 99.6), 1)}}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A DVC project with one stage, params.yaml and metrics/eval.json. The base commit
+    has metrics/seeds.json (SD 0.05, by hand above); the head commit adds a param
+    (train.scale, only a new key), lowers accuracy by 0.01 and drops seeds.json."""
+    top = tmp_path_factory.mktemp("tiny")
+    env = make_env(top)
+    root = top / "repo"
+    sh("git", "init", "-q", "-b", "main", str(root), cwd=top, env=env)
+    sh("dvc", "init", "-q", cwd=root, env=env)
+    (root / "metrics").mkdir()
+    (root / "dvc.yaml").write_text(yaml.safe_dump({
+        "stages": {"run": {"cmd": "echo run > out.txt", "params": ["train"],
+                           "outs": ["out.txt"]}},
+        "metrics": ["metrics/eval.json", "metrics/seeds.json"]}))
+    for params, accuracy, seeds, title in (({"lr": 0.1}, 99.5, SEEDS_DOC, "base"),
+                                           ({"lr": 0.1, "scale": 0.1}, 99.49, None, "head")):
+        (root / "params.yaml").write_text(yaml.safe_dump({"train": params}))
+        (root / "metrics" / "eval.json").write_text(json.dumps({"accuracy": accuracy}))
+        if seeds:
+            (root / "metrics" / "seeds.json").write_text(json.dumps(seeds))
+        else:
+            sh("git", "rm", "-q", "metrics/seeds.json", cwd=root, env=env)
+        sh("dvc", "repro", "-q", cwd=root, env=env)
+        sh("git", "add", "-A", cwd=root, env=env)
+        sh("git", "commit", "-qm", title, cwd=root, env=env)
+    return root, env
+
+
+@pytest.mark.slow
+def test_a_diff_table_per_file_and_a_line_for_a_file_a_revision_lacks(tiny):
+    """The tiny project's base has metrics/seeds.json, its head not; neither has ood.json."""
+    root, _ = tiny
+    base, head = (report.resolve(root, role, rev) for role, rev in (("base", "HEAD^"),
+                                                                    ("head", "HEAD")))
+    diff = {"metrics/seeds.json": {"seeds.1.final": {"old": 99.561234567, "new": None}},
+            "metrics/ood.json": {f"k{i}": {"old": i, "new": i + 1, "diff": 1}
+                                 for i in range(report.FOLDED + 1)}}
+    parts = report.diff_markdown(root, diff, base, head, "metrics")
+    assert parts[:3] == [
+        f"{head.label} has no `metrics/seeds.json`: its metrics show as {docs.DASH}.",
+        f"{base.label} has no `metrics/ood.json`: its metrics show as {docs.DASH}.",
+        f"{head.label} has no `metrics/ood.json`: its metrics show as {docs.DASH}."]
+    assert parts[3].splitlines()[-1] == (f"| `seeds.1.final` | 99.56123 | {docs.DASH} | "
+                                         f"{docs.DASH} |")
+    assert parts[4].startswith("<details><summary><code>metrics/ood.json</code>: 13 changed")
+    assert report.diff_markdown(root, {}, base, head, "params") == ["No params changed."]
+
+
+@pytest.mark.slow
+def test_a_file_whose_changed_keys_are_all_new_is_not_said_missing(tiny, tmp_path,
+                                                                    monkeypatch):
+    root, env = tiny
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    report.write_report(root, "HEAD^", "HEAD", tmp_path / "report.md")
+    text = (tmp_path / "report.md").read_text()
+    assert "has no `params.yaml`" not in text
+    assert f"| `train.scale` | {docs.DASH} | 0.1 | {docs.DASH} |" in text
+    base = report.resolve(root, "base", "HEAD^")
+    head = report.resolve(root, "head", "HEAD")
+    # seeds.json is gone at head, so the spread is the base's: 0.05 by hand
+    assert (f"\nTest accuracy (`metrics/eval.json` `accuracy`), head − base: −0.01, within "
+            f"one seed-to-seed SD (0.05): the standard deviation of the final test "
+            f"accuracy over the 3 seeds of `metrics/seeds.json` at {base.label}; a "
+            f"difference between two single runs spreads √2 times as much.\n") in text
+    assert f"{head.label} has no `metrics/seeds.json`: its metrics show as" in text
+    assert "**Yes.** `dvc status`" in text
+
+
+@pytest.mark.slow
+def test_without_seeds_json_the_noise_is_unknown(tiny):
+    root, _ = tiny
+    head = report.resolve(root, "head", "HEAD")
+    diff = {"metrics/eval.json": {"accuracy": {"old": 99.5, "new": 99.38, "diff": -0.12}}}
+    assert report.noise_markdown(root, head, head, diff) == [
+        "Test accuracy (`metrics/eval.json` `accuracy`), head − base: −0.12; the "
+        "seed-to-seed spread is unknown: neither revision has `metrics/seeds.json` "
+        "(`make seeds` measures it)."]
+    base = report.resolve(root, "base", "HEAD^")
+    assert report.noise_markdown(root, base, head, diff)[0].startswith(
+        "Test accuracy (`metrics/eval.json` `accuracy`), head − base: −0.12, 2.4 "
+        "seed-to-seed SDs (0.05): ")
+
+
+FAKE_DVC = """#!/bin/sh
+# `dvc status` tells the test that the report is in its temporary worktree, then waits
+# there for the signal; any other dvc command finds nothing changed
+case "$1" in
+  status) echo $$ > "$READY.tmp" && mv "$READY.tmp" "$READY" && exec sleep 300 ;;
+  *) echo '{}' ;;
+esac
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether PID runs (a zombie, which no one reaps here, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_mid_report_leaves_no_worktree_and_no_files(tiny, tmp_path, sig):
+    """A cancelled CI job: the signal arrives while `dvc status` runs in the temporary
+    worktree (the fake dvc below says when; no timing)."""
+    root, env = tiny
+    bin_dir, temp, out = tmp_path / "bin", tmp_path / "temp", tmp_path / "out"
+    for folder in (bin_dir, temp, out):
+        folder.mkdir()
+    (bin_dir / "dvc").write_text(FAKE_DVC)
+    (bin_dir / "dvc").chmod(0o755)
+    ready = tmp_path / "ready"
+    run_env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "TMPDIR": str(temp),
+               "READY": str(ready), "PYTHONPATH": str(REPO)}
+
+    def worktrees() -> list[str]:
+        listing = sh("git", "worktree", "list", "--porcelain", cwd=root, env=env).stdout
+        return [line for line in listing.splitlines() if line.startswith("worktree ")]
+
+    proc = subprocess.Popen([sys.executable, "-m", "tools.report", "--base", "HEAD^",
+                             "--out", str(out / "report.md")], cwd=root, env=run_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    status_pid = None
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the report never reached `dvc status`"
+            time.sleep(0.05)
+        status_pid = int(ready.read_text())
+        assert len(worktrees()) == 2 and any(temp.iterdir())  # in the worktree now
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == -sig, stderr  # died of the signal, after cleaning up
+        assert "Traceback" not in stderr, stderr
+        assert worktrees() == [f"worktree {root}"]
+        assert not list(temp.iterdir())
+        assert not list(out.iterdir())  # no report, no half-written figures
+        assert not alive(status_pid)
+    finally:
+        proc.kill()
+        proc.wait()
+        if status_pid and alive(status_pid):
+            os.kill(status_pid, signal.SIGKILL)
+        for line in worktrees()[1:]:  # what a failure left, for the next case
+            sh("git", "worktree", "remove", "--force", line.split(" ", 1)[1], cwd=root,
+               env=env)
+
+
 # --- make report in a fresh clone ------------------------------------------------------
 
 needs_history = pytest.mark.skipif(docs.is_shallow(REPO), reason=(
@@ -172,6 +351,18 @@ def test_a_revision_that_lacks_outputs_gets_a_line_each_and_the_rest(clone, monk
     assert "(report/curves.png)" in text  # the base's curves alone
     assert "**No.** `dvc status`" in text and "confusion.png" not in text
     assert sorted(p.name for p in (path / "report").iterdir()) == ["curves.png"]
+
+
+@pytest.mark.slow
+def test_a_base_with_a_quote_and_a_semicolon_stays_a_name(clone):
+    """A branch may be named so (git allows both); report.yml passes the pull request's
+    base branch to `make report BASE=...`."""
+    path, env = clone
+    base = "x';touch pwned;'"
+    proc = make("report", path, env, f"BASE={base}", check=False)
+    assert proc.returncode != 0
+    assert f"error: base revision {base!r} is not a commit in this repository" in proc.stderr
+    assert not (path / "pwned").exists()
 
 
 @pytest.mark.slow

@@ -135,6 +135,61 @@ def test_push_and_pull_without_a_default_remote_say_to_run_setup(repo, env):
         assert line == "error: no default DVC remote: run `make setup` (docs/sharing.md)"
 
 
+# --- the remote DVC will use: -r NAME after `--` -----------------------------------------
+
+def cached_files(repo: Path) -> list[Path]:
+    return [p for p in (repo / ".dvc" / "cache").rglob("*") if p.is_file()]
+
+
+def two_remotes(repo: Path, tmp_path: Path, env: dict[str, str], other_verifies: bool,
+                pushed: tuple[str, ...]) -> None:
+    """The default remote 'shared' verifies and is empty; 'other' holds PUSHED (stages);
+    the clone's cache and outputs are gone."""
+    for name in ("remote", "other"):
+        (tmp_path / name).mkdir()
+    set_remote(repo, tmp_path / "remote", env)
+    sh("dvc", "remote", "add", "--local", "other", str(tmp_path / "other"), cwd=repo, env=env)
+    if other_verifies:
+        sh("dvc", "remote", "modify", "--local", "other", "verify", "true", cwd=repo, env=env)
+    sh("dvc", "push", "-q", "-r", "other", *pushed, cwd=repo, env=env)
+    shutil.rmtree(repo / ".dvc" / "cache")
+    for name in ("one.txt", "two.txt"):
+        (repo / name).unlink()
+
+
+@pytest.mark.parametrize("choice", [["-r", "other"], ["-rother"], ["--remote=other"],
+                                    ["--remote", "other"]],
+                         ids=["-r NAME", "-rNAME", "--remote=NAME", "--remote NAME"])
+def test_pull_checks_the_remote_named_after_the_double_dash(repo, tmp_path, env, choice):
+    """Not the default remote, which verifies: nothing comes from 'other', which does not."""
+    two_remotes(repo, tmp_path, env, other_verifies=False, pushed=("one", "two"))
+    refused = ("error: DVC remote 'other' does not verify downloads, so a damaged object "
+               "there would pass as good: run `dvc remote modify --local other verify true` "
+               "(docs/sharing.md)")
+    assert assert_one_line_error(share("pull", repo, env, "--", *choice, "one")) == refused
+    assert assert_one_line_error(share("exp-pull", repo, env, "--", *choice, "origin")
+                                 ) == refused
+    assert not (repo / "one.txt").exists() and not cached_files(repo)
+
+
+def test_pull_from_another_remote_is_checked_for_what_it_lacks(repo, tmp_path, env):
+    two_remotes(repo, tmp_path, env, other_verifies=True, pushed=("one",))
+    line = assert_one_line_error(share("pull", repo, env, "--", "-r", "other"))
+    assert line == ("error: DVC remote 'other' lacks two.txt (never pushed): "
+                    "run `dvc repro` instead")
+    assert not (repo / "one.txt").exists() and not cached_files(repo)
+    for args in (["no-such-option", "--bogus"], ["-r", "no-such-remote"]):
+        line = assert_one_line_error(share("pull", repo, env, "--", *args))
+        assert line == {"--bogus": "error: `dvc pull no-such-option --bogus`: unrecognized "
+                                   "arguments: --bogus (`dvc pull --help` lists what it "
+                                   "takes)",
+                        "no-such-remote": "error: there is no DVC remote 'no-such-remote' "
+                                          "(`dvc remote list` names them)"}[args[-1]]
+    # --allow-missing: what the remote has, and the rest left to `dvc repro`
+    assert share("pull", repo, env, "--", "-r", "other", "--allow-missing").returncode == 0
+    assert (repo / "one.txt").read_text() == "one\n" and not (repo / "two.txt").exists()
+
+
 # --- every pull verifies what it downloads ------------------------------------------------
 
 def test_pull_and_exp_pull_refuse_a_remote_that_does_not_verify(repo, tmp_path, env):

@@ -3,6 +3,7 @@ that check-jsonschema ships (offline), and the tests workflow against README's c
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -82,8 +83,86 @@ def test_what_the_docs_say_of_the_report_and_train_workflows():
     assert report["permissions"] == {"contents": "read", "pull-requests": "write"}
     steps = report["jobs"]["report"]["steps"]
     assert steps[0]["with"]["fetch-depth"] == 0
-    assert "make report BASE=origin/${{ github.base_ref }}" in [s.get("run") for s in steps]
+    step = next(step for step in steps if step.get("name") == "Report")
+    assert (step["env"], step["run"]) == ({"BASE_REF": "${{ github.base_ref }}"},
+                                          'make report BASE="origin/$BASE_REF"')
     train = load("train.yml")
     assert list(train["on"]) == ["workflow_dispatch"]
     assert train["jobs"]["train"]["runs-on"] == ["self-hosted", "gpu"]
     assert train["permissions"] == {"contents": "write"}
+
+
+# --- what a step's shell sees: values in env, tokens out of argv, the project's checks ------
+
+def run_steps() -> list[tuple[str, dict, dict]]:
+    """(workflow, job, step) for each step with `run:`, in every workflow."""
+    return [(path.name, job, step) for path in WORKFLOWS
+            for job in load(path.name)["jobs"].values()
+            for step in job["steps"] if "run" in step]
+
+
+def step_env(name: str, job: dict, step: dict) -> dict[str, str]:
+    """The environment a step's `env:` blocks give it: the workflow's, the job's, its own."""
+    return {**load(name).get("env", {}), **job.get("env", {}), **step.get("env", {})}
+
+
+def test_no_run_step_interpolates_an_expression():
+    """`${{ github.head_ref }}` or `${{ inputs.x }}` in `run:` becomes shell code before the
+    shell starts; an expression belongs in `env:`, where the shell reads it as a value."""
+    found = [(name, step.get("name"), expression) for name, _, step in run_steps()
+             for expression in re.findall(r"\$\{\{[^}]*\}\}", step["run"])]
+    assert not found
+
+
+def test_no_run_step_puts_a_token_on_a_command_line():
+    """A variable that holds a secret or the job's token is read by the program that needs
+    it (here git, through GIT_ASKPASS), never expanded into a command's arguments, which
+    other users of a self-hosted runner can read in /proc."""
+    leaks = []
+    for name, job, step in run_steps():
+        secret = [var for var, value in step_env(name, job, step).items()
+                  if re.search(r"secrets\.|github\.token", str(value))]
+        leaks += [(name, step.get("name"), var) for var in secret
+                  if re.search(rf"\$\{{?{var}\b", step["run"])]
+        assert not re.search(r"https://[^/\s]*:[^/\s]*@", step["run"]), step["run"]
+    assert not leaks
+
+
+def test_the_train_workflow_pulls_and_pushes_through_the_make_targets():
+    """Plain `dvc pull` and `dvc exp push` skip the host-key check and `verify`."""
+    runs = "\n".join(step["run"] for name, _, step in run_steps() if name == "train.yml")
+    assert not re.findall(r"\bdvc\s+(?:exp\s+)?(?:pull|push)\b", runs)
+    assert re.search(r"^\s*make pull\b", runs, re.M)
+    assert re.search(r"^\s*make exp-push\b", runs, re.M)
+    push = next(step for name, _, step in run_steps() if name == "train.yml"
+                and "make exp-push" in step["run"])
+    assert set(push["env"]) == {"EXP", "GH_TOKEN"}  # the name, too, as a value
+
+
+def test_the_train_workflows_askpass_gives_git_and_dvcs_git_the_token_from_env(tmp_path):
+    """The step that writes GIT_ASKPASS, run here; then git and scmrepo (DVC's git
+    library) each ask it for github.com's login, as a push does."""
+    step = next(step for name, _, step in run_steps()
+                if name == "train.yml" and "GIT_ASKPASS=" in step["run"])
+    github_env = tmp_path / "github_env"
+    subprocess.run(["bash", "-e", "-c", step["run"]], check=True, timeout=30,
+                   env={**os.environ, "RUNNER_TEMP": str(tmp_path),
+                        "GITHUB_ENV": str(github_env)})
+    written = dict(line.split("=", 1) for line in github_env.read_text().splitlines())
+    assert list(written) == ["GIT_ASKPASS"]
+    assert "GH_TOKEN" not in step.get("env", {})
+    assert "secret-123" not in Path(written["GIT_ASKPASS"]).read_text()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path), GIT_CONFIG_NOSYSTEM="1",
+               GIT_TERMINAL_PROMPT="0", GIT_ASKPASS=written["GIT_ASKPASS"],
+               GH_TOKEN="secret-123")
+    git = subprocess.run(["git", "credential", "fill"], input="protocol=https\n"
+                         "host=github.com\npath=owner/repo.git\n\n", env=env,
+                         capture_output=True, text=True, timeout=30, check=True)
+    assert {"username=x-access-token", "password=secret-123"} <= set(git.stdout.splitlines())
+    dulwich = subprocess.run(
+        [sys.executable, "-c", "from scmrepo.git.credentials import Credential; "
+         "c = Credential(url='https://github.com/owner/repo.git').fill(); "
+         "print(c.username, c.password)"],
+        env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert dulwich.stdout == "x-access-token secret-123\n"

@@ -7,6 +7,9 @@ and `dvc metrics diff`, DVCLive's per-epoch history, plots/confusion.csv (one ro
 image), and `dvc status` in a checkout of HEAD. It needs no training, no data and no DVC
 remote. Writes OUT and its figures in a folder beside it (report.md, report/*.png). A
 revision that lacks an output gets one line saying so, and the rest is still written.
+A change in test accuracy is set against the seed-to-seed spread that metrics/seeds.json
+measured. SIGTERM or SIGINT (a cancelled CI job) removes the temporary checkout and the
+half-written figures before the process dies of the signal.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import argparse
 import io
 import json
 import os
+import signal
+import statistics
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -32,6 +37,9 @@ from stages.plot import CURVES
 from tools.docs import DASH, LIVE_DIR, git_text, is_shallow
 
 CONFUSION = "plots/confusion.csv"  # evaluate's: actual, predicted, one row per test image
+SEEDS = "metrics/seeds.json"  # experiments.seeds': each seed's final test accuracy
+# the metrics that are test accuracy at the final epoch, as `dvc metrics diff` names them
+TEST_ACCURACY = (("metrics/eval.json", "accuracy"), ("metrics/train/metrics.json", "test.acc"))
 DIGITS = range(10)
 PRECISION = 5    # decimals, as `dvc metrics diff` rounds
 FOLDED = 12      # a file with more changed values than this is folded in <details>
@@ -71,6 +79,11 @@ def read_at(root: Path, rev: Revision, paths: list[str]) -> tuple[dict[str, str]
             [path for path, text in found.items() if text is None])
 
 
+def has_file(root: Path, rev: Revision, path: str) -> bool:
+    """Whether REV's commit holds PATH."""
+    return git_text(root, "cat-file", "-e", f"{rev.commit}:{path}") is not None
+
+
 def missing_line(rev: Revision, paths: list[str], consequence: str) -> str:
     return f"{rev.label} has no {', '.join(f'`{p}`' for p in paths)}: {consequence}."
 
@@ -100,15 +113,17 @@ def cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
-def diff_markdown(diff: dict, base: Revision, head: Revision, what: str) -> list[str]:
+def diff_markdown(root: Path, diff: dict, base: Revision, head: Revision, what: str
+                  ) -> list[str]:
     """`dvc params diff --json` or `dvc metrics diff --json` (path → key → old, new, diff)
-    as one table per file, and one line per file that a revision lacks."""
+    as one table per file, and one line per file that a revision's commit lacks (a file
+    whose changed keys are all new is there all the same)."""
     if not diff:
         return [f"No {what} changed."]
     lines, notes = [], []
     for path, values in sorted(diff.items(), key=lambda item: (len(item[1]) > FOLDED, item[0])):
-        for rev, side in ((base, "old"), (head, "new")):
-            if all(v.get(side) is None for v in values.values()):
+        for rev in (base, head):
+            if not has_file(root, rev, path):
                 notes.append(missing_line(rev, [path], f"its {what} show as {DASH}"))
         rows = [f"| {what[:-1]} | {base.label} | {head.label} | change |", "|---|---|---|---|"]
         rows += [f"| `{key}` | {cell(v.get('old'))} | {cell(v.get('new'))} | "
@@ -121,6 +136,72 @@ def diff_markdown(diff: dict, base: Revision, head: Revision, what: str) -> list
             table = f"`{path}`:\n\n{table}"
         lines.append(table)
     return notes + lines
+
+
+# --- test accuracy against the seed-to-seed spread: metrics/seeds.json -------------
+
+def seed_spread(text: str) -> tuple[float, int]:
+    """The standard deviation (n − 1) of the seeds' final test accuracy in seeds.json's
+    TEXT, and how many seeds."""
+    try:
+        finals = [float(seed["final"]) for seed in json.loads(text)["seeds"].values()]
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise StageError(f"{SEEDS} is unreadable ({type(err).__name__}: {err})") from None
+    if len(finals) < 2:
+        raise StageError(f"{SEEDS} holds {len(finals)} seed, too few for a spread")
+    return statistics.stdev(finals), len(finals)
+
+
+def minus(text: str) -> str:
+    return text.replace("-", "−")
+
+
+def against_spread(change: float, sd: float) -> str:
+    """CHANGE (points of test accuracy) in seed-to-seed SDs: "−0.01, within one
+    seed-to-seed SD (0.03)", "+0.12, 4.0 seed-to-seed SDs (0.03)"."""
+    words = minus(f"{change:+.2f}")
+    if abs(change) <= sd:
+        return f"{words}, within one seed-to-seed SD ({sd:.2f})"
+    return f"{words}, {abs(change) / sd:.1f} seed-to-seed SDs ({sd:.2f})"
+
+
+def test_accuracy_changes(diff: dict) -> dict[float, list[str]]:
+    """The changes in test accuracy that `dvc metrics diff --json` shows, rounded to the
+    accuracy's 0.01 (one test image), each with the metrics that changed by it."""
+    changes: dict[float, list[str]] = {}
+    for path, key in TEST_ACCURACY:
+        change = (diff.get(path) or {}).get(key, {}).get("diff")
+        if isinstance(change, (int, float)):
+            changes.setdefault(round(change, 2), []).append(f"`{path}` `{key}`")
+    return changes
+
+
+def noise_markdown(root: Path, base: Revision, head: Revision, diff: dict) -> list[str]:
+    """A line per change in test accuracy, set against the spread of the final test
+    accuracy over the seeds of metrics/seeds.json at HEAD, else at BASE."""
+    changes = test_accuracy_changes(diff)
+    if not changes:
+        return []
+    for rev in (head, base):
+        texts, _ = read_at(root, rev, [SEEDS])
+        if SEEDS in texts:
+            break
+    else:
+        return [f"Test accuracy ({', '.join(keys)}), head − base: {minus(f'{change:+.2f}')}; "
+                f"the seed-to-seed spread is unknown: neither revision has `{SEEDS}` "
+                "(`make seeds` measures it)." for change, keys in changes.items()]
+    try:
+        sd, n = seed_spread(texts[SEEDS])
+    except StageError as err:
+        return [f"{rev.label}: {err}: the seed-to-seed spread is unknown."]
+    if sd == 0:
+        return [f"{rev.label}: the {n} seeds of `{SEEDS}` scored alike: the seed-to-seed "
+                "spread is unknown."]
+    source = (f"the standard deviation of the final test accuracy over the {n} seeds of "
+              f"`{SEEDS}` at {rev.label}; a difference between two single runs spreads "
+              "√2 times as much")
+    return [f"Test accuracy ({', '.join(keys)}), head − base: {against_spread(change, sd)}: "
+            f"{source}." for change, keys in changes.items()]
 
 
 # --- the curves: DVCLive's history at each revision --------------------------------
@@ -269,11 +350,11 @@ def checkout(root: Path, rev: Revision) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="report-") as tmp:
         path = Path(tmp) / "checkout"
         git = ["git", "-C", str(root), "worktree"]
-        subprocess.run([*git, "add", "--detach", "--quiet", str(path), rev.commit],
-                       check=True, capture_output=True)
         try:
+            subprocess.run([*git, "add", "--detach", "--quiet", str(path), rev.commit],
+                           check=True, capture_output=True)
             yield path
-        finally:
+        finally:  # on Interrupted too (main)
             subprocess.run([*git, "remove", "--force", str(path)], capture_output=True)
 
 
@@ -410,6 +491,7 @@ def build_report(root: Path, base: Revision, head: Revision, figures: Path,
                  link: str) -> str:
     """The report's Markdown; its figures go into FIGURES, linked as LINK/NAME."""
     revs = (base, head)
+    metrics = dvc_json(root, "metrics", "diff", base.commit, head.commit)
     sections = [
         f"# What {head.commit[:7]} did to the model, against {base.commit[:7]}",
         "| | revision | commit |\n|---|---|---|\n" + "\n".join(
@@ -418,11 +500,11 @@ def build_report(root: Path, base: Revision, head: Revision, figures: Path,
         "Made by `make report` (`python -m tools.report`) from the files each commit holds "
         "and DVC's own commands: no training, no data, no DVC remote.",
         "## Params (`dvc params diff`)",
-        *diff_markdown(dvc_json(root, "params", "diff", base.commit, head.commit),
+        *diff_markdown(root, dvc_json(root, "params", "diff", base.commit, head.commit),
                        base, head, "params"),
         "## Metrics (`dvc metrics diff`)",
-        *diff_markdown(dvc_json(root, "metrics", "diff", base.commit, head.commit),
-                       base, head, "metrics"),
+        *noise_markdown(root, base, head, metrics),
+        *diff_markdown(root, metrics, base, head, "metrics"),
         "## Accuracy and loss per epoch",
         *curves_section(root, revs, figures, link),
         "## Confusion matrix and the digits that changed",
@@ -444,14 +526,46 @@ def write_report(root: Path, base: str, head: str, out: Path) -> Path:
     return figures
 
 
+# --- SIGTERM and SIGINT: clean up, then die of the signal --------------------------
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """A signal, raised where the report is, so that every `finally` and context manager
+    on the way out runs: the temporary worktree, its folder, the half-written figures."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_on_signals() -> None:
+    """SIGTERM and SIGINT raise Interrupted; a second one while it unwinds is ignored,
+    so that it cannot cut the cleanup short."""
+    def interrupt(signum, frame):
+        for each in SIGNALS:
+            signal.signal(each, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for each in SIGNALS:
+        signal.signal(each, interrupt)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="the revision to compare against")
     parser.add_argument("--head", default="HEAD", help="the revision to report on (HEAD)")
     parser.add_argument("--out", type=Path, default=Path("report.md"))
     args = parser.parse_args(argv)
-    figures = write_report(Path.cwd(), args.base, args.head, args.out)
-    print(f"wrote {args.out} and {figures}/")
+    raise_on_signals()
+    try:
+        figures = write_report(Path.cwd(), args.base, args.head, args.out)
+        print(f"wrote {args.out} and {figures}/")
+    except Interrupted as stop:  # cleaned up on the way here: die of the signal
+        signal.signal(stop.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), stop.signum)
+        raise
 
 
 if __name__ == "__main__":

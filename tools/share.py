@@ -1,11 +1,17 @@
 """DVC push and pull, and a sweep's `dvc exp push|pull`, with checks and one-line errors.
 
-All four go through the default DVC remote:
+All four go through the default DVC remote, or the one named after `--`:
 
     python -m tools.share push [TARGET ...]                  # make push
     python -m tools.share pull [TARGET ...]                  # make pull
     python -m tools.share exp-push GIT_REMOTE [EXPERIMENT ...]  # make exp-push EXP=...
     python -m tools.share exp-pull GIT_REMOTE [EXPERIMENT ...]  # make exp-pull
+
+What follows `--` goes to DVC as it is (`pull -- -r other --allow-missing data/raw`;
+`make pull DVC_ARGS=...`), and is first read with DVC's own parser, so that every check
+below is of the remote that DVC will use: `-r NAME`, `-rNAME`, `--remote=NAME` (or
+`exp push|pull`'s `--remote`), else the default. Arguments DVC would refuse are one line
+here. With `--allow-missing`, a pull goes on without what the remote lacks.
 
 DVC's own answers to these mistakes are poor: it creates a missing remote folder on push
 (an unmounted share or a typo fills the local disk instead), reports a folder it cannot
@@ -41,12 +47,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from io import StringIO
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 # `dvc status --cloud`: neither in the local cache nor in the remote
@@ -57,15 +67,53 @@ NOT_IN_CACHE = "not in cache"
 SSH_TIMEOUT = 5
 # the host keys an ssh:// remote's server must have: the file this names, else this
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
+# the DVC command that each of this module's commands runs
+DVC_COMMANDS = {"push": ["push"], "pull": ["pull"], "exp-push": ["exp", "push"],
+                "exp-pull": ["exp", "pull"]}
 
 
 class ShareError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
-def default_remote() -> tuple[str, dict]:
-    """The default remote's name and settings (`url`, `user`, `port`, ..., local paths
-    absolute), as DVC resolves them."""
+@contextmanager
+def dvc_log_kept() -> Iterator[list[str]]:
+    """DVC's log messages, kept in a list instead of printed, while in the block."""
+    logger, kept = logging.getLogger("dvc"), []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.getMessage())
+
+    handlers, logger.handlers = logger.handlers, [Keep()]
+    try:
+        yield kept
+    finally:
+        logger.handlers = handlers
+
+
+def dvc_arguments(command: str, args: list[str]) -> argparse.Namespace:
+    """ARGS as `dvc COMMAND ARGS` will read them, by DVC's own parser: the remote
+    (`remote` for push and pull, `dvc_remote` for exp push and pull), the targets, the
+    options. What DVC would refuse is one line here, before anything runs."""
+    from dvc.cli import DvcParserError
+    from dvc.cli.parser import get_main_parser
+
+    dvc = " ".join(["dvc", *DVC_COMMANDS[command]])
+    with dvc_log_kept() as said, redirect_stdout(StringIO()), redirect_stderr(StringIO()):
+        try:
+            return get_main_parser().parse_args([*DVC_COMMANDS[command], *args])
+        except (DvcParserError, SystemExit):  # SystemExit: -h, which asks for help alone
+            pass
+    given = f"`{dvc} {' '.join(args)}`"
+    if not said:
+        raise ShareError(f"{given} asks only for help: run `{dvc} --help`")
+    raise ShareError(f"{given}: {said[0]} (`{dvc} --help` lists what it takes)")
+
+
+def remote(name: str | None) -> tuple[str, dict]:
+    """Remote NAME's name and settings (`url`, `user`, `port`, ..., local paths
+    absolute), as DVC resolves them; the default remote's where NAME is None."""
     from dvc.config import Config
     from dvc.exceptions import DvcException
     from dvc.fs import get_fs_config
@@ -74,11 +122,15 @@ def default_remote() -> tuple[str, dict]:
         config = Config.from_cwd()
     except DvcException as err:  # a malformed config; not inside a DVC repository
         raise ShareError(str(err).splitlines()[0]) from None
-    name = config["core"].get("remote")
-    if not name:
-        raise ShareError("no default DVC remote: run `make setup` (docs/sharing.md)")
-    if name not in config["remote"]:
-        raise ShareError(f"the default DVC remote '{name}' is not defined in .dvc/config*")
+    if name is None:
+        name = config["core"].get("remote")
+        if not name:
+            raise ShareError("no default DVC remote: run `make setup` (docs/sharing.md)")
+        if name not in config["remote"]:
+            raise ShareError(f"the default DVC remote '{name}' is not defined in "
+                             ".dvc/config*")
+    elif name not in config["remote"]:
+        raise ShareError(f"there is no DVC remote '{name}' (`dvc remote list` names them)")
     try:
         settings = get_fs_config(config, name=name)  # resolves remote://other/path
     except DvcException as err:
@@ -239,9 +291,23 @@ def check_remote(name: str, settings: dict, write: bool) -> None:
         check_ssh(name, settings)
 
 
-def outputs_nowhere(targets: list[str]) -> list[str]:
-    """Outputs (files, for tracked folders) that neither the cache nor the remote holds."""
-    proc = subprocess.run(["dvc", "status", "--cloud", "--json", *targets],
+def scope(parsed: argparse.Namespace, cloud: bool) -> list[str]:
+    """The options of a parsed `dvc push|pull` that choose which outputs it moves, as
+    `dvc status` takes them (with --cloud: also which commits, and the remote); then its
+    targets."""
+    flags = {"with_deps": "-d", "recursive": "-R"}
+    if cloud:
+        flags.update(all_branches="-a", all_tags="-T", all_commits="-A")
+    options = [flag for key, flag in flags.items() if getattr(parsed, key, False)]
+    if cloud and parsed.remote:
+        options += ["-r", parsed.remote]
+    return [*options, *parsed.targets]
+
+
+def outputs_nowhere(args: list[str]) -> list[str]:
+    """Outputs (files, for tracked folders) that neither the cache nor the remote holds;
+    ARGS: `dvc status --cloud`'s (scope())."""
+    proc = subprocess.run(["dvc", "status", "--cloud", "--json", *args],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
@@ -250,10 +316,10 @@ def outputs_nowhere(targets: list[str]) -> list[str]:
     return sorted(path for path, state in status.items() if state == NOWHERE)
 
 
-def outputs_not_in_cache(targets: list[str]) -> list[str]:
-    """Outputs whose objects the local cache lacks, by `dvc status` (the remote is not
-    asked); none where it fails."""
-    proc = subprocess.run(["dvc", "status", "--json", *targets], capture_output=True,
+def outputs_not_in_cache(args: list[str]) -> list[str]:
+    """Outputs whose objects the local cache lacks, by `dvc status ARGS` (scope(); the
+    remote is not asked); none where it fails."""
+    proc = subprocess.run(["dvc", "status", "--json", *args], capture_output=True,
                           text=True)
     if proc.returncode != 0:
         return []
@@ -264,21 +330,26 @@ def outputs_not_in_cache(targets: list[str]) -> list[str]:
                    if state == NOT_IN_CACHE})
 
 
-def push(targets: list[str]) -> int:
-    name, settings = default_remote()
+def push(args: list[str]) -> int:
+    """`dvc push ARGS` after the checks of the remote it pushes to."""
+    parsed = dvc_arguments("push", args)
+    name, settings = remote(parsed.remote)
     check_remote(name, settings, write=True)
-    return subprocess.run(["dvc", "push", *targets]).returncode
+    return subprocess.run(["dvc", "push", *args]).returncode
 
 
-def pull(targets: list[str]) -> int:
-    name, settings = default_remote()
+def pull(args: list[str]) -> int:
+    """`dvc pull ARGS` after the checks of the remote it pulls from, and only where that
+    holds every output asked for (or --allow-missing says to go on without)."""
+    parsed = dvc_arguments("pull", args)
+    name, settings = remote(parsed.remote)
     check_remote(name, settings, write=False)
-    missing = outputs_nowhere(targets)
-    if missing:
+    missing = outputs_nowhere(scope(parsed, cloud=True))
+    if missing and not parsed.allow_missing:
         raise ShareError(f"DVC remote '{name}' lacks {', '.join(missing)} (never pushed): "
                          "run `dvc repro` instead")
-    code = subprocess.run(["dvc", "pull", *targets]).returncode
-    lost = outputs_not_in_cache(targets) if code != 0 else []
+    code = subprocess.run(["dvc", "pull", *args]).returncode
+    lost = outputs_not_in_cache(scope(parsed, cloud=False)) if code != 0 else []
     if lost:
         raise not_pulled(name, lost, "the transfer failed")
     return code
@@ -300,21 +371,22 @@ def git_remote_and_names(args: list[str]) -> list[str]:
 
 def exp_push(args: list[str]) -> int:
     """`dvc exp push GIT_REMOTE [NAME ...]`: the experiments' git refs, and their outputs
-    to the default DVC remote, after push's checks."""
-    args = git_remote_and_names(args)
-    name, settings = default_remote()
+    to the DVC remote (the default, or --remote's), after push's checks."""
+    parsed = dvc_arguments("exp-push", git_remote_and_names(args))
+    name, settings = remote(parsed.dvc_remote)
     check_remote(name, settings, write=True)
     return subprocess.run(["dvc", "exp", "push", *args]).returncode
 
 
 def exp_pull(args: list[str]) -> int:
-    """`dvc exp pull GIT_REMOTE [NAME ...]` after pull's checks of the remote; then every
-    pulled experiment of this commit must have its outputs in the cache."""
-    args = git_remote_and_names(args)
-    name, settings = default_remote()
+    """`dvc exp pull GIT_REMOTE [NAME ...]` after pull's checks of the DVC remote (the
+    default, or --remote's); then every pulled experiment of this commit must have its
+    outputs in the cache."""
+    parsed = dvc_arguments("exp-pull", git_remote_and_names(args))
+    name, settings = remote(parsed.dvc_remote)
     check_remote(name, settings, write=False)
     code = subprocess.run(["dvc", "exp", "pull", *args]).returncode
-    lost = experiment_outputs_not_in_cache(args[1:])
+    lost = experiment_outputs_not_in_cache(parsed.experiment)
     if lost:
         raise not_pulled(name, lost, "the remote lacks it, the transfer failed")
     return code
@@ -356,7 +428,8 @@ def main() -> None:
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("targets", nargs="*", help="push, pull: stages or outputs "
                         "(default: all); exp-push, exp-pull: the git remote, then "
-                        "experiments (default: all of this commit's)")
+                        "experiments (default: all of this commit's); after `--`, DVC's "
+                        "options too (-r NAME: the remote checked is NAME)")
     args = parser.parse_args()
     try:
         code = COMMANDS[args.command](args.targets)
