@@ -465,30 +465,59 @@ def test_no_training_batch_holds_a_validation_image_whatever_the_training_seed(
         assert len(seen) == 160 and not trained & held_images
 
 
-def test_best_pt_follows_validation_accuracy_not_test_accuracy(tmp_path, params):
-    """With a validation split, best.pt is the epoch of the best validation accuracy. The
-    test labels here are shuffled, so that the best test epoch is another one."""
+def test_a_run_with_a_validation_split_reads_and_scores_no_test_set(tmp_path, params):
+    """With a validation split, the stage scores each epoch on it and never opens
+    test.pt (here a file that is no split at all, so reading it would fail); best.pt is
+    the best validation epoch; no test metric is logged or written; the plot stage draws
+    the validation curve."""
     cwd = tmp_path
     folder = write_prepared(cwd / "data" / "prepared", n_train=256)
-    test = torch.load(folder / "test.pt")
-    test["labels"] = test["labels"][torch.randperm(64, generator=torch.Generator().manual_seed(0))]
-    torch.save(test, folder / "test.pt")
+    (folder / "test.pt").write_bytes(b"not a split: the stage must not read it")
     raw = yaml.safe_load((cwd / "params.yaml").read_text())
-    raw["train"].update(epochs=6, val_size=64, lr=0.05)
+    raw["train"].update(epochs=4, val_size=64, lr=0.05)
     (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
     proc = run_stage("stages.train", "--data", "data/prepared", "--models", "models",
                      "--live", "metrics/train", cwd=cwd, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "192 train / 64 validation images (the test set unused)" in proc.stdout
+    assert "test loss" not in proc.stdout and "test accuracy" not in proc.stdout
     history = read_history(cwd / "metrics" / "train")
-    best = load_torch(cwd / "models" / "best.pt", "checkpoint")
-    val_epoch, test_epoch = history["val/acc"].idxmax(), history["test/acc"].idxmax()
-    assert val_epoch != test_epoch, "the data must make the two measures disagree"
-    assert best["epoch"] == val_epoch
-    assert best["val_accuracy"] == pytest.approx(history["val/acc"].max())
+    assert list(history.columns) == ["train/acc", "train/loss", "val/acc", "val/loss"]
+    assert not (cwd / "metrics" / "train" / "plots" / "metrics" / "test").exists()
     summary = json.loads((cwd / "metrics" / "train" / "metrics.json").read_text())
-    assert summary["best"]["val_epoch"] == val_epoch
-    assert summary["best"]["test_epoch"] == test_epoch  # the notebook's measure, kept apart
-    assert "60000" not in proc.stdout and "192 train / 64 validation / 64 test" in proc.stdout
+    assert "test" not in summary and "test" not in json.dumps(summary)
+    assert summary["best"]["val_epoch"] == history["val/acc"].idxmax()
+    best = load_torch(cwd / "models" / "best.pt", "checkpoint")
+    final = load_torch(cwd / "models" / "model.pt", "checkpoint")
+    assert best["epoch"] == history["val/acc"].idxmax()
+    assert best["val_accuracy"] == pytest.approx(history["val/acc"].max())
+    assert final["val_accuracy"] == pytest.approx(history["val/acc"].iloc[-1])
+    assert "test_accuracy" not in best and "test_accuracy" not in final
+    proc = run_stage("stages.plot", "metrics/train", "plots", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert (cwd / "plots" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_with_a_validation_split_passes_no_test_image_to_the_model(params):
+    """A sentinel: test images of a value no normalised digit has; the model's inputs,
+    training and scoring, are watched for it, and the score function for the test set."""
+    p = dataclasses.replace(params.train, epochs=2)
+    train, val = device_data(tiny_split(96, 0)), device_data(tiny_split(32, 2))
+    test = DeviceData(x=torch.full((64, 1, 28, 28), 777.0), y=torch.zeros(64, dtype=torch.int64),
+                      background=0.0)
+    state = new_state(p, CPU, 96)
+    inputs = []
+    state.model.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    history = fit(state, train, test, p, val_data=val)
+    assert len(inputs) > 2 and not any((x == 777.0).any() for x in inputs)
+    assert [sorted(row) for row in history] == [["epoch", "lr", "train/acc", "train/loss",
+                                                 "val/acc", "val/loss"]] * 2
+    assert history[-1]["val/loss"] == score(state.scored, val)[0]
+    # the watch can see it: without the split, the test set and its sentinel are scored
+    plain, seen = new_state(p, CPU, 96), []
+    plain.model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    assert "test/acc" in fit(plain, train, test, p)[0]
+    assert any((x == 777.0).any() for x in seen)
 
 
 def test_a_validation_split_as_large_as_the_training_set_is_one_line(tmp_path, prepared):
