@@ -3,8 +3,8 @@
 train_step is one step as device work only: gather the batch, augment it, forward,
 loss, backward, SGD and the moving average. EagerRunner calls it once per batch (the
 CPU, and CUDA without graphs); GraphRunner captures it in CUDA graphs once and replays
-them. The switches that choose between them, train.cuda_graph and train.compile, are
-resolved here (use_cuda_graph, use_compile).
+them. train.cuda_graph, which chooses between them, is resolved here (use_cuda_graph;
+train.compile's use_compile lives with the state it compiles, in stages/state.py).
 
 Used by the train stage (stages/train.py), the CPU benchmark and the GPU check.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +21,13 @@ from tqdm import tqdm
 
 from stages.common import StageError
 from stages.data import DeviceData, augment
-from stages.device import first_line, mark_step, switch
+from stages.device import first_line, mark_step
 from stages.params import TrainParams
-
-if TYPE_CHECKING:
-    from stages.train import TrainState
+from stages.state import RUNNER_SETTINGS, TrainState, use_compile
 
 POSTFIX_EVERY = 50  # steps between progress-bar updates (each one syncs the device)
 # the per-epoch test pass's batch: a speed setting only (1000 gave bit-identical results)
 TEST_BATCH_SIZE = 250
-# the optimizer's settings that a runner chooses (GraphRunner: fused SGD, a tensor lr)
-RUNNER_SETTINGS = ("lr", "fused", "foreach")
 
 
 def smoothed_nll(log_probs: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -278,12 +273,6 @@ def rewind(state: TrainState, saved: dict) -> None:
     torch.set_rng_state(saved["torch_rng"])
     if saved["cuda_rng"] is not None:
         torch.cuda.set_rng_state(saved["cuda_rng"], state.generator.device)
-
-
-def use_compile(p: TrainParams, device: torch.device) -> bool:
-    """train.compile resolved: auto is off on every device (on the H200, compiling cost
-    more than it saved in 15 epochs; docs/performance.md)."""
-    return switch(p.compile, device, auto_on=None)
 
 
 def use_cuda_graph(p: TrainParams, device: torch.device) -> bool:

@@ -26,7 +26,8 @@ from stages.model import checkpoint, from_checkpoint, predict
 from stages.params import load_params
 from stages.runtime import set_deterministic
 from stages.runners import EagerRunner, GraphRunner
-from stages.train import fingerprint, fit, new_state, restore, score
+from stages.state import new_state
+from stages.train import fingerprint, fit, restore, score
 
 pytestmark = pytest.mark.cuda  # every test in this file, including ones added later
 

@@ -156,7 +156,7 @@ def test_the_largest_calibrate_seed_is_accepted_by_the_fit_and_the_measurement(
 
 
 def test_the_largest_seed_is_accepted_by_torch(raw):
-    from stages.train import new_state
+    from stages.state import new_state
 
     big = copy.deepcopy(raw)
     big["train"]["seed"] = 2**64 - 1

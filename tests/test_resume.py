@@ -17,7 +17,8 @@ from helpers import REPO, tiny_split, train_first_epoch_and_save, write_prepared
 from stages.common import load_torch, save_torch
 from stages.data import to_device
 from stages.params import load_params
-from stages.train import fingerprint, fit, new_state, restore, resume_runner
+from stages.state import new_state
+from stages.train import fingerprint, fit, restore, resume_runner
 import stages.train
 
 EPOCHS = 4

@@ -19,7 +19,8 @@ from stages.model import count_params, from_checkpoint
 from stages.params import load_params
 from stages.plot import read_history
 from stages.runners import EagerRunner, GraphRunner, make_runner, smoothed_nll
-from stages.train import fit, lr_schedule, new_state, score
+from stages.state import lr_schedule, new_state
+from stages.train import fit, score
 import stages.runners
 
 CPU = torch.device("cpu")
@@ -254,7 +255,7 @@ def epochs_before_the_step_function(state, data, p, epochs: int) -> list[tuple[f
     """The training loop as it was before train_step and the runners: the scheduler
     object stepped after each optimizer step. The oracle for the eager runner."""
     from stages.data import augment
-    from stages.train import make_scheduler
+    from stages.state import make_scheduler
 
     scheduler = make_scheduler(p, state.optimizer, math.ceil(len(data) / p.batch_size))
     results = []
@@ -530,3 +531,22 @@ def test_a_validation_split_as_large_as_the_training_set_is_one_line(tmp_path, p
     assert line == ("error: train.val_size 256 must be between 1 and 255, the 256 training "
                     "images less one; 0 holds out none")
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_the_training_state_has_one_home_that_the_runners_and_the_stage_import():
+    """TrainState lives in stages/state.py; the runners use it at run time, with no
+    import of the train stage (no circle through a TYPE_CHECKING import)."""
+    import ast
+    import stages.state
+    import stages.train
+
+    assert stages.runners.TrainState is stages.state.TrainState is stages.train.TrainState
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(open(module.__file__).read())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+    assert "stages.train" not in imported(stages.runners)
+    assert not {"stages.train", "stages.runners"} & imported(stages.state)
+    assert "stages/state.py" in yaml.safe_load((REPO / "dvc.yaml").read_text()
+                                               )["stages"]["train"]["deps"]
