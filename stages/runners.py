@@ -60,16 +60,24 @@ class Totals:
         return self.loss.item() / n, 100 * self.correct.item() / n
 
 
+def augmenting(p: TrainParams, epochs_done: int) -> bool:
+    """Whether the epoch after EPOCHS_DONE is augmented: all but the last
+    train.clean_epochs are."""
+    return epochs_done < p.epochs - p.clean_epochs
+
+
 def train_step(state: TrainState, data: DeviceData, idx: torch.Tensor, p: TrainParams,
-               totals: Totals) -> None:
-    """One training step on the images DATA[IDX], at the optimizer's current lr: augment,
-    forward, loss, backward, SGD, the moving average; the batch's loss and correct count
-    are added to TOTALS.
+               totals: Totals, augmented: bool = True) -> None:
+    """One training step on the images DATA[IDX], at the optimizer's current lr: augment
+    (if AUGMENTED), forward, loss, backward, SGD, the moving average; the batch's loss
+    and correct count are added to TOTALS.
 
     Device work only, with no host synchronisation: EagerRunner calls it for each
     batch, GraphRunner captures it once in a CUDA graph and replays it."""
     x, y = data.x[idx], data.y[idx]
-    x = augment(x, p.rotation, p.translate, data.background, state.generator, p.scale)
+    if augmented:
+        x = augment(x, p.rotation, p.translate, data.background, state.generator, p.scale,
+                    p.elastic, p.interpolation)
     out = state.net(x)
     loss = smoothed_nll(out, y, p.label_smoothing)
     state.optimizer.zero_grad(set_to_none=True)
@@ -94,13 +102,14 @@ class EagerRunner:
         smoothing, if any)."""
         state.net.train()
         order = torch.randperm(len(data), device=data.x.device, generator=state.generator)
+        augmented = augmenting(p, state.epoch)
         totals, seen = Totals.zeros(data.x.device), 0
         bar = tqdm(order.split(p.batch_size), desc=desc, leave=False, unit="batch")
         for i, idx in enumerate(bar, 1):
             mark_step(state.net)  # a new step for torch.compile's CUDA graphs
             for group in state.optimizer.param_groups:
                 group["lr"] = state.lrs[state.step]
-            train_step(state, data, idx, p, totals)
+            train_step(state, data, idx, p, totals, augmented)
             state.step += 1
             seen += len(idx)
             if i % POSTFIX_EVERY == 0:  # each read waits for the device
@@ -122,6 +131,9 @@ class GraphRunner:
 
     With CAPTURE false, each step is called instead of replayed: the same arithmetic and
     bookkeeping on any device, which is how the CPU tests check it.
+
+    The graphs hold the augmented step, so train.clean_epochs (epochs without
+    augmentation) runs eagerly only.
     """
 
     name = "CUDA graphs"
@@ -130,6 +142,8 @@ class GraphRunner:
 
     def __init__(self, state: TrainState, data: DeviceData, p: TrainParams, capture: bool = True):
         device = data.x.device
+        if p.clean_epochs:
+            raise ValueError("train.clean_epochs runs eagerly only")
         self.state, self.data, self.p = state, data, p
         self.full, self.last = divmod(len(data), p.batch_size)  # full batches, last batch's size
         self.order = torch.arange(len(data), device=device)
@@ -277,12 +291,14 @@ def rewind(state: TrainState, saved: dict) -> None:
 
 def use_cuda_graph(p: TrainParams, device: torch.device) -> bool:
     """train.cuda_graph resolved: auto is on for CUDA, unless torch.compile is on (its
-    own graphs cannot nest in ours) or the moving average (which runs only eagerly)."""
+    own graphs cannot nest in ours), the moving average or clean epochs (which run only
+    eagerly)."""
     if p.cuda_graph == "on" and device.type != "cuda":
         raise StageError(f"train.cuda_graph is on but training runs on the {device.type}; "
                          "set train.cuda_graph to auto or off")
     if p.cuda_graph == "auto":
-        return device.type == "cuda" and not use_compile(p, device) and p.ema == 0
+        return (device.type == "cuda" and not use_compile(p, device) and p.ema == 0
+                and p.clean_epochs == 0)
     return p.cuda_graph == "on"
 
 

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages.device import CompiledModel, compile_model, switch
@@ -18,6 +19,8 @@ from stages.params import TrainParams
 
 # the optimizer's settings that a runner chooses (GraphRunner: fused SGD, a tensor lr)
 RUNNER_SETTINGS = ("lr", "fused", "foreach")
+# the batch of BatchNorm's recomputed statistics (train.bn_recompute, train.swa_epochs)
+BN_BATCH_SIZE = 500
 
 
 @dataclass
@@ -28,8 +31,9 @@ class TrainState:
     net: torch.nn.Module | CompiledModel  # runs the training batches: MODEL, or compiled
     optimizer: torch.optim.Optimizer
     lrs: list[float]  # the learning rate of each training step of the run, in order
-    generator: torch.Generator  # batch order, rotation angles and shifts
+    generator: torch.Generator  # batch order and the augmentation's draws
     ema: AveragedModel | None = None  # moving average of the weights, if train.ema > 0
+    swa: AveragedModel | None = None  # mean of the last epochs' weights (train.swa_epochs)
     epoch: int = 0  # epochs finished
     step: int = 0  # training steps taken
     history: list[dict] = field(default_factory=list)
@@ -41,6 +45,25 @@ class TrainState:
         """What is tested each epoch and saved: the moving average if there is one."""
         return self.ema.module if self.ema is not None else self.net
 
+    def end_of_epoch(self, p: TrainParams, data: torch.Tensor) -> None:
+        """What follows the training of epoch SELF.epoch + 1: its weights join the
+        average of train.swa_epochs' last epochs, and after the last epoch the average
+        becomes the model, whose BatchNorm statistics are then recomputed on the
+        un-augmented training images DATA (as they are with train.bn_recompute)."""
+        epoch = self.epoch + 1
+        if self.swa is not None and epoch > p.epochs - p.swa_epochs:
+            self.swa.update_parameters(self.model)
+        if epoch < p.epochs:
+            return
+        if self.swa is not None:
+            with torch.no_grad():  # in place: a CUDA graph's tensors keep their addresses
+                for weight, averaged in zip(self.model.parameters(),
+                                            self.swa.module.parameters()):
+                    weight.copy_(averaged)
+        if self.swa is not None or p.bn_recompute:
+            recompute_bn(self.ema.module if self.ema is not None else self.model, data,
+                         BN_BATCH_SIZE)
+
     def state_dict(self, fingerprint: str) -> dict:
         return {
             "fingerprint": fingerprint,
@@ -51,6 +74,7 @@ class TrainState:
             "runner": self.runner,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "swa": self.swa.state_dict() if self.swa is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -64,6 +88,10 @@ class TrainState:
             raise ValueError("the saved state and this run disagree on train.ema")
         if self.ema is not None:
             self.ema.load_state_dict(saved["ema"])
+        if (saved["swa"] is None) != (self.swa is None):
+            raise ValueError("the saved state and this run disagree on train.swa_epochs")
+        if self.swa is not None:
+            self.swa.load_state_dict(saved["swa"])
         # how SGD runs (fused, with a tensor lr) belongs to this run's runner, not the state
         runner_settings = [{key: group[key] for key in RUNNER_SETTINGS}
                            for group in self.optimizer.param_groups]
@@ -85,19 +113,54 @@ def use_compile(p: TrainParams, device: torch.device) -> bool:
     return switch(p.compile, device, auto_on=None)
 
 
+@torch.no_grad()
+def recompute_bn(model: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Set MODEL's BatchNorm running statistics to those of the images X: each layer's
+    cumulative average (momentum None) over X in batches of BATCH_SIZE, BatchNorm in
+    training mode and everything else, dropout included, in eval mode, as at
+    inference. No gradients and no random draws."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = model.training
+    model.eval()
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    for batch in x.split(batch_size):
+        model(batch)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.train(was_training)
+
+
+def param_groups(model: Net, p: TrainParams) -> list[dict]:
+    """SGD's parameter groups: one, or with train.norm_decay false a second, without
+    weight decay, for BatchNorm's weights and biases and the last 1x1 convolution."""
+    if p.norm_decay:
+        return [{"params": list(model.parameters())}]
+    last_conv = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
+    exempt = {id(w) for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) or m is last_conv
+              for w in m.parameters(recurse=False)}
+    return [{"params": [w for w in model.parameters() if id(w) not in exempt]},
+            {"params": [w for w in model.parameters() if id(w) in exempt], "weight_decay": 0.0}]
+
+
 def make_scheduler(p: TrainParams, optimizer: torch.optim.Optimizer,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule, stepped after every batch.
 
     onecycle: up from lr/start_div to lr over the first `warmup` share of the steps, then
-    down (cosine) to lr/start_div/final_div; momentum stays at train.momentum.
+    down (train.anneal: cosine or linear) to lr/start_div/final_div; momentum stays at
+    train.momentum.
     step: lr times gamma after every step_size epochs.
     """
     if p.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=p.lr, epochs=p.epochs, steps_per_epoch=steps_per_epoch,
             pct_start=p.warmup, div_factor=p.start_div, final_div_factor=p.final_div,
-            cycle_momentum=False)
+            anneal_strategy=p.anneal, cycle_momentum=False)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=p.step_size * steps_per_epoch,
                                            gamma=p.gamma)
 
@@ -125,11 +188,12 @@ def new_state(p: TrainParams, device: torch.device, n_train: int) -> TrainState:
     if switch(p.channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     net = compile_model(model, device) if use_compile(p, device) else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum,
+    optimizer = torch.optim.SGD(param_groups(model, p), lr=p.lr, momentum=p.momentum,
                                 nesterov=p.nesterov, weight_decay=p.weight_decay)
     lrs = lr_schedule(p, math.ceil(n_train / p.batch_size))
     generator = torch.Generator(device=device).manual_seed(p.seed)
     # the average covers BatchNorm's running statistics too (use_buffers)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(p.ema), use_buffers=True)
            if p.ema > 0 else None)
-    return TrainState(model, net, optimizer, lrs, generator, ema)
+    swa = AveragedModel(model) if p.swa_epochs > 0 else None  # an equal-weight mean
+    return TrainState(model, net, optimizer, lrs, generator, ema, swa)

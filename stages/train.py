@@ -78,6 +78,7 @@ def fit(state: TrainState, train_data: DeviceData, test_data: DeviceData | None,
         start = time.perf_counter()
         train_loss, train_acc = runner.train_epoch(state, train_data, p,
                                                    desc=f"epoch {epoch}/{p.epochs}")
+        state.end_of_epoch(p, train_data.x)
         loss, acc = score(state.scored, scored_on, runner.test_batch_size)
         row = {"epoch": epoch, "train/loss": train_loss, "train/acc": train_acc,
                f"{split}/loss": loss, f"{split}/acc": acc, "lr": lr}
