@@ -126,11 +126,11 @@ def augment(x: torch.Tensor, rotation: float, translate: float, background: floa
     image's largest displacement is ELASTIC pixels), in one batched resampling.
 
     MODE is grid_sample's: nearest-neighbour by default, as torchvision's RandomRotation
-    does, or bilinear; pixels moved in from outside the frame take the background value. The rotation
-    grid is what F.affine_grid returns for these rotations, bit for bit (tested), but
-    built by broadcasting: on the CPU affine_grid took 7 times as long as this. The
-    angles are drawn first, so that a run without translation draws exactly what it
-    drew before translation existed, then the zoom factors, so that a run without
+    does, or bilinear; pixels moved in from outside the frame take the background
+    value. The rotation grid is what F.affine_grid returns for these rotations, bit for
+    bit (tested), but built by broadcasting: on the CPU affine_grid took 7 times as long
+    as this. The angles are drawn first, so that a run without translation draws exactly
+    what it drew before translation existed, then the zoom factors, so that a run without
     zooming draws and computes exactly what it did before zooming existed, and the
     elastic fields last, for the same reason.
     """
