@@ -99,21 +99,42 @@ def pixel_centres(n: int, device: torch.device, dtype: torch.dtype) -> torch.Ten
     return torch.linspace(-1, 1, n, device=device, dtype=dtype) * (n - 1) / n
 
 
-def augment(x: torch.Tensor, rotation: float, translate: float, background: float,
-            generator: torch.Generator, scale: float = 0.0) -> torch.Tensor:
-    """Rotate each image by its own angle, uniform in ±ROTATION degrees, zoom it by its
-    own factor, uniform in 1 ± SCALE, and shift it by up to ±TRANSLATE pixels on each
-    axis, in one batched resampling.
+ELASTIC_SIGMA = 4.0  # pixels: the smoothing of train.elastic's random displacements
 
-    Nearest-neighbour sampling, as torchvision's RandomRotation does by default;
-    pixels moved in from outside the frame take the background value. The rotation
-    grid is what F.affine_grid returns for these rotations, bit for bit (tested), but
-    built by broadcasting: on the CPU affine_grid took 7 times as long as this. The
-    angles are drawn first, so that a run without translation draws exactly what it
-    drew before translation existed, and the zoom factors last, so that a run without
-    zooming draws and computes exactly what it did before zooming existed.
+
+def smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
+    """FIELD (N, C, H, W) blurred by a Gaussian of SIGMA pixels, one channel at a time,
+    with reflected borders. Built from device ops only, so a CUDA graph can hold it."""
+    radius = math.ceil(3 * sigma)
+    t = torch.arange(-radius, radius + 1, device=field.device, dtype=field.dtype)
+    kernel = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    c = field.shape[1]
+    rows = kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1)
+    field = F.conv2d(F.pad(field, (radius, radius, 0, 0), mode="reflect"), rows, groups=c)
+    cols = kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1)
+    return F.conv2d(F.pad(field, (0, 0, radius, radius), mode="reflect"), cols, groups=c)
+
+
+def augment(x: torch.Tensor, rotation: float, translate: float, background: float,
+            generator: torch.Generator, scale: float = 0.0, elastic: float = 0.0,
+            mode: str = "nearest") -> torch.Tensor:
+    """Rotate each image by its own angle, uniform in ±ROTATION degrees, zoom it by its
+    own factor, uniform in 1 ± SCALE, shift it by up to ±TRANSLATE pixels on each
+    axis, and with ELASTIC > 0 distort it by a smooth random displacement field (each
+    axis uniform in ±1, blurred by a Gaussian of ELASTIC_SIGMA pixels, scaled so that the
+    image's largest displacement is ELASTIC pixels), in one batched resampling.
+
+    MODE is grid_sample's: nearest-neighbour by default, as torchvision's RandomRotation
+    does, or bilinear; pixels moved in from outside the frame take the background
+    value. The rotation grid is what F.affine_grid returns for these rotations, bit for
+    bit (tested), but built by broadcasting: on the CPU affine_grid took 7 times as long
+    as this. The angles are drawn first, so that a run without translation draws exactly
+    what it drew before translation existed, then the zoom factors, so that a run without
+    zooming draws and computes exactly what it did before zooming existed, and the
+    elastic fields last, for the same reason.
     """
-    if rotation == 0 and translate == 0 and scale == 0:
+    if rotation == 0 and translate == 0 and scale == 0 and elastic == 0:
         return x
     n, _, h, w = x.shape
     xs = pixel_centres(w, x.device, x.dtype).view(1, 1, w)
@@ -135,5 +156,11 @@ def augment(x: torch.Tensor, rotation: float, translate: float, background: floa
     if translate > 0:
         gx = gx + (shift[:, 0] * (2 / w)).view(n, 1, 1)
         gy = gy + (shift[:, 1] * (2 / h)).view(n, 1, 1)
+    if elastic > 0:
+        field = torch.rand(n, 2, h, w, device=x.device, generator=generator, dtype=x.dtype)
+        field = smooth(field * 2 - 1, ELASTIC_SIGMA)
+        peak = field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        field = field * (elastic / peak)  # pixels
+        gx, gy = gx + field[:, 0] * (2 / w), gy + field[:, 1] * (2 / h)
     grid = torch.stack([gx, gy], dim=-1)  # (n, h, w, 2)
-    return F.grid_sample(x - background, grid, mode="nearest", align_corners=False) + background
+    return F.grid_sample(x - background, grid, mode=mode, align_corners=False) + background

@@ -24,6 +24,8 @@ from stages.runtime import CPU_ISAS
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
 SCHEDULES = ("onecycle", "step")
+INTERPOLATIONS = ("nearest", "bilinear")
+ANNEALS = ("cos", "linear")
 
 
 def _rule(check, allowed: str):
@@ -49,20 +51,33 @@ class TrainParams:
     momentum: float = _rule(lambda v: 0 <= v < 1, "a number in [0, 1)")
     nesterov: bool = _rule(None, "true or false")
     weight_decay: float = _rule(lambda v: v >= 0, "a number >= 0")
+    norm_decay: bool = _rule(None, "true or false: false exempts BatchNorm's weights and biases "
+                             "and the last 1x1 convolution from weight decay")
     dropout: float = _rule(lambda v: 0 <= v < 1, "a number in [0, 1)")
     label_smoothing: float = _rule(lambda v: 0 <= v < 1, "a number in [0, 1); 0 turns it off")
     ema: float = _rule(lambda v: 0 <= v < 1, "a number in [0, 1): the weights' moving-average "
                        "decay per step; 0 turns it off")
+    swa_epochs: int = _rule(lambda v: v >= 0, "an integer >= 0: the last epochs whose end-of-"
+                            "epoch weights are averaged; 0 turns it off")
+    bn_recompute: bool = _rule(None, "true or false: recompute BatchNorm's statistics on "
+                               "un-augmented training images after the last epoch")
     rotation: float = _rule(lambda v: 0 <= v <= 180, "degrees in [0, 180]; 0 turns rotation off")
     translate: float = _rule(lambda v: 0 <= v <= 4, "pixels in [0, 4]; 0 turns shifting off")
     scale: float = _rule(lambda v: 0 <= v <= 0.5, "a share in [0, 0.5]: each digit zoomed by a "
                          "factor uniform in 1 ± scale; 0 turns zooming off")
+    elastic: float = _rule(lambda v: 0 <= v <= 4, "pixels in [0, 4]: each image's largest "
+                           "elastic displacement; 0 turns it off")
+    interpolation: str = _rule(lambda v: v in INTERPOLATIONS, " or ".join(INTERPOLATIONS))
+    clean_epochs: int = _rule(lambda v: v >= 0, "an integer >= 0: the last epochs, trained "
+                              "without augmentation; 0 augments every epoch")
     schedule: str = _rule(lambda v: v in SCHEDULES, " or ".join(SCHEDULES))
     warmup: float = _rule(lambda v: 0 < v < 1, "a number in (0, 1) (onecycle: share of steps "
                           "rising to lr)")
     start_div: float = _rule(lambda v: v >= 1, "a number >= 1 (onecycle: starts at lr/start_div)")
     final_div: float = _rule(lambda v: v >= 1, "a number >= 1 (onecycle: ends at "
                              "lr/start_div/final_div)")
+    anneal: str = _rule(lambda v: v in ANNEALS, " or ".join(ANNEALS)
+                        + " (onecycle: the shape of the rise and of the way down)")
     step_size: int = _rule(_positive, "an integer >= 1 (step: epochs between lr drops)")
     gamma: float = _rule(lambda v: 0 < v <= 1, "a number in (0, 1] (step: lr factor at each drop)")
     seed: int = _rule(lambda v: 0 <= v < 2**64, "an integer in [0, 2**64)")
@@ -91,6 +106,20 @@ class TrainParams:
             raise StageError("params.yaml: train.cuda_graph is on but train.ema is "
                              f"{self.ema:g}; the moving average runs only eagerly: set "
                              "train.cuda_graph to auto or train.ema to 0")
+        if self.clean_epochs >= self.epochs:
+            raise StageError(f"params.yaml: train.clean_epochs {self.clean_epochs} must be "
+                             f"below train.epochs {self.epochs}; at least the first epoch "
+                             "is augmented")
+        if self.swa_epochs > self.epochs:
+            raise StageError(f"params.yaml: train.swa_epochs {self.swa_epochs} is more than "
+                             f"train.epochs {self.epochs}: set it to at most {self.epochs}")
+        if self.swa_epochs > 0 and self.ema > 0:
+            raise StageError("params.yaml: train.swa_epochs and train.ema both average the "
+                             "weights: set one of them to 0")
+        if self.cuda_graph == "on" and self.clean_epochs > 0:
+            raise StageError("params.yaml: train.cuda_graph is on but train.clean_epochs is "
+                             f"{self.clean_epochs}; the graphs hold the augmented step: set "
+                             "train.cuda_graph to auto or train.clean_epochs to 0")
         if self.cuda_graph == "on" and self.device == "cpu":
             raise StageError("params.yaml: train.cuda_graph is on but train.device is cpu; "
                              "CUDA graphs need CUDA: set train.cuda_graph to auto or off")

@@ -1,7 +1,8 @@
-"""Plot stage: accuracy and loss curves, train, validation (if any) and test, per epoch.
+"""Plot stage: accuracy and loss curves, train and validation or test, per epoch.
 
 Reads:  LIVE_DIR/plots/metrics/{train,val,test}/{acc,loss}.tsv, DVCLive's history
-        (val/ only where the run held out a validation split).
+        (val/ where the run held out a validation split, and then no test/: such a
+        run scores no test metric).
 Writes: OUT_DIR/accuracy.png and OUT_DIR/loss.png.
 Params: none.
 """
@@ -19,18 +20,19 @@ from stages.history import metric_path, read_metric
 
 CURVES = {"acc": ("accuracy.png", "accuracy (%)"), "loss": ("loss.png", "loss (NLL)")}
 SPLITS = ("train", "val", "test")
-OPTIONAL = ("val",)  # written only by runs with a validation split
+SCORED = ("val", "test")  # val with a validation split, test without one
 
 
 def splits(live_dir: str | Path) -> list[str]:
-    """The splits whose history LIVE_DIR holds: train and test, and val where it ran."""
-    return [split for split in SPLITS if split not in OPTIONAL
-            or metric_path(live_dir, split, "acc").exists()]
+    """The splits whose history LIVE_DIR holds: train, and val or test (or, from older
+    runs with a validation split, both)."""
+    scored = [split for split in SCORED if metric_path(live_dir, split, "acc").exists()]
+    return ["train", *(scored or ["test"])]  # neither: test's file is reported missing
 
 
 def read_history(live_dir: str | Path) -> pd.DataFrame:
-    """One row per epoch, with columns train/acc, test/acc, train/loss, test/loss (and
-    val/acc, val/loss with a validation split)."""
+    """One row per epoch, with columns train/acc, train/loss and test/acc, test/loss
+    (or val/acc, val/loss with a validation split)."""
     columns = [read_metric(metric_path(live_dir, split, metric), metric).rename(f"{split}/{metric}")
                for split in splits(live_dir) for metric in CURVES]
     history = pd.concat(columns, axis=1).sort_index()
@@ -52,8 +54,10 @@ def draw_curves(history: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         if metric == "acc":
-            best = history["test/acc"].max()
-            ax.set_title(f"best test accuracy {best:.2f}%", fontsize=10)
+            split = "test" if "test/acc" in history else "val"
+            best = history[f"{split}/acc"].max()
+            name_of = {"test": "test", "val": "validation"}[split]
+            ax.set_title(f"best {name_of} accuracy {best:.2f}%", fontsize=10)
         fig.tight_layout()
         path = Path(out_dir) / name
         save_png(fig, path)

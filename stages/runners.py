@@ -3,8 +3,8 @@
 train_step is one step as device work only: gather the batch, augment it, forward,
 loss, backward, SGD and the moving average. EagerRunner calls it once per batch (the
 CPU, and CUDA without graphs); GraphRunner captures it in CUDA graphs once and replays
-them. The switches that choose between them, train.cuda_graph and train.compile, are
-resolved here (use_cuda_graph, use_compile).
+them. train.cuda_graph, which chooses between them, is resolved here (use_cuda_graph;
+train.compile's use_compile lives with the state it compiles, in stages/state.py).
 
 Used by the train stage (stages/train.py), the CPU benchmark and the GPU check.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +21,13 @@ from tqdm import tqdm
 
 from stages.common import StageError
 from stages.data import DeviceData, augment
-from stages.device import first_line, mark_step, switch
+from stages.device import first_line, mark_step
 from stages.params import TrainParams
-
-if TYPE_CHECKING:
-    from stages.train import TrainState
+from stages.state import RUNNER_SETTINGS, TrainState, use_compile
 
 POSTFIX_EVERY = 50  # steps between progress-bar updates (each one syncs the device)
 # the per-epoch test pass's batch: a speed setting only (1000 gave bit-identical results)
 TEST_BATCH_SIZE = 250
-# the optimizer's settings that a runner chooses (GraphRunner: fused SGD, a tensor lr)
-RUNNER_SETTINGS = ("lr", "fused", "foreach")
 
 
 def smoothed_nll(log_probs: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -65,16 +60,24 @@ class Totals:
         return self.loss.item() / n, 100 * self.correct.item() / n
 
 
+def augmenting(p: TrainParams, epochs_done: int) -> bool:
+    """Whether the epoch after EPOCHS_DONE is augmented: all but the last
+    train.clean_epochs are."""
+    return epochs_done < p.epochs - p.clean_epochs
+
+
 def train_step(state: TrainState, data: DeviceData, idx: torch.Tensor, p: TrainParams,
-               totals: Totals) -> None:
-    """One training step on the images DATA[IDX], at the optimizer's current lr: augment,
-    forward, loss, backward, SGD, the moving average; the batch's loss and correct count
-    are added to TOTALS.
+               totals: Totals, augmented: bool = True) -> None:
+    """One training step on the images DATA[IDX], at the optimizer's current lr: augment
+    (if AUGMENTED), forward, loss, backward, SGD, the moving average; the batch's loss
+    and correct count are added to TOTALS.
 
     Device work only, with no host synchronisation: EagerRunner calls it for each
     batch, GraphRunner captures it once in a CUDA graph and replays it."""
     x, y = data.x[idx], data.y[idx]
-    x = augment(x, p.rotation, p.translate, data.background, state.generator, p.scale)
+    if augmented:
+        x = augment(x, p.rotation, p.translate, data.background, state.generator, p.scale,
+                    p.elastic, p.interpolation)
     out = state.net(x)
     loss = smoothed_nll(out, y, p.label_smoothing)
     state.optimizer.zero_grad(set_to_none=True)
@@ -99,13 +102,14 @@ class EagerRunner:
         smoothing, if any)."""
         state.net.train()
         order = torch.randperm(len(data), device=data.x.device, generator=state.generator)
+        augmented = augmenting(p, state.epoch)
         totals, seen = Totals.zeros(data.x.device), 0
         bar = tqdm(order.split(p.batch_size), desc=desc, leave=False, unit="batch")
         for i, idx in enumerate(bar, 1):
             mark_step(state.net)  # a new step for torch.compile's CUDA graphs
             for group in state.optimizer.param_groups:
                 group["lr"] = state.lrs[state.step]
-            train_step(state, data, idx, p, totals)
+            train_step(state, data, idx, p, totals, augmented)
             state.step += 1
             seen += len(idx)
             if i % POSTFIX_EVERY == 0:  # each read waits for the device
@@ -127,6 +131,9 @@ class GraphRunner:
 
     With CAPTURE false, each step is called instead of replayed: the same arithmetic and
     bookkeeping on any device, which is how the CPU tests check it.
+
+    The graphs hold the augmented step, so train.clean_epochs (epochs without
+    augmentation) runs eagerly only.
     """
 
     name = "CUDA graphs"
@@ -135,6 +142,8 @@ class GraphRunner:
 
     def __init__(self, state: TrainState, data: DeviceData, p: TrainParams, capture: bool = True):
         device = data.x.device
+        if p.clean_epochs:
+            raise ValueError("train.clean_epochs runs eagerly only")
         self.state, self.data, self.p = state, data, p
         self.full, self.last = divmod(len(data), p.batch_size)  # full batches, last batch's size
         self.order = torch.arange(len(data), device=device)
@@ -280,20 +289,16 @@ def rewind(state: TrainState, saved: dict) -> None:
         torch.cuda.set_rng_state(saved["cuda_rng"], state.generator.device)
 
 
-def use_compile(p: TrainParams, device: torch.device) -> bool:
-    """train.compile resolved: auto is off on every device (on the H200, compiling cost
-    more than it saved in 15 epochs; docs/performance.md)."""
-    return switch(p.compile, device, auto_on=None)
-
-
 def use_cuda_graph(p: TrainParams, device: torch.device) -> bool:
     """train.cuda_graph resolved: auto is on for CUDA, unless torch.compile is on (its
-    own graphs cannot nest in ours) or the moving average (which runs only eagerly)."""
+    own graphs cannot nest in ours), the moving average or clean epochs (which run only
+    eagerly)."""
     if p.cuda_graph == "on" and device.type != "cuda":
         raise StageError(f"train.cuda_graph is on but training runs on the {device.type}; "
                          "set train.cuda_graph to auto or off")
     if p.cuda_graph == "auto":
-        return device.type == "cuda" and not use_compile(p, device) and p.ema == 0
+        return (device.type == "cuda" and not use_compile(p, device) and p.ema == 0
+                and p.clean_epochs == 0)
     return p.cuda_graph == "on"
 
 

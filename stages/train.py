@@ -1,6 +1,8 @@
-"""Train stage: fit the 7,776-parameter CNN, testing after every epoch.
+"""Train stage: fit the 7,776-parameter CNN, scoring it after every epoch.
 
-Reads:  DATA_DIR/{train,test}.pt and DATA_DIR/stats.json (from preprocess).
+Reads:  DATA_DIR/{train,test}.pt and DATA_DIR/stats.json (from preprocess); with a
+        validation split (train.val_size > 0) each epoch is scored on it, and test.pt is
+        not read.
 Writes: MODELS_DIR/model.pt (final) and best.pt (best validation epoch, or without a
         validation split the best test epoch), checkpoints that rebuild the model;
         MODELS_DIR/state.pt (resumable state, each epoch);
@@ -18,25 +20,23 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from stages.common import StageError, load_torch, run_cli, save_torch, write_text
 from stages.data import DeviceData, load_split, load_stats, split_validation, to_device
-from stages.device import CompiledModel, compile_model, resolve_device, switch
-from stages.model import Net, checkpoint, count_params, predict
+from stages.device import resolve_device, switch
+from stages.model import checkpoint, count_params, predict
 from stages.params import RuntimeParams, TrainParams, load_params
-from stages.runners import (RUNNER_SETTINGS, TEST_BATCH_SIZE, EagerRunner, GraphRunner,
-                            make_runner, use_compile, use_cuda_graph)
+from stages.runners import (TEST_BATCH_SIZE, EagerRunner, GraphRunner, make_runner,
+                            use_cuda_graph)
 from stages.runtime import apply as apply_runtime
+from stages.state import TrainState, new_state, use_compile
 
 # DVC's tools are imported in main() only: the training functions also run where they
 # are not installed (benchmarks/gpu_check.py on a bare GPU machine)
@@ -47,117 +47,8 @@ METRICS = ("train/loss", "train/acc", "test/loss", "test/acc", "lr")
 VAL_METRICS = ("val/loss", "val/acc")  # with a validation split (train.val_size > 0)
 # the code whose changes make a saved state stale (with the params and the data)
 CODE = [Path(__file__).with_name(name) for name in
-        ("train.py", "runners.py", "data.py", "model.py", "device.py", "params.py",
+        ("train.py", "state.py", "runners.py", "data.py", "model.py", "device.py", "params.py",
          "common.py", "runtime.py")]
-
-
-@dataclass
-class TrainState:
-    """Everything that changes while training, so that it can be saved and resumed."""
-
-    model: Net
-    net: torch.nn.Module | CompiledModel  # runs the training batches: MODEL, or compiled
-    optimizer: torch.optim.Optimizer
-    lrs: list[float]  # the learning rate of each training step of the run, in order
-    generator: torch.Generator  # batch order, rotation angles and shifts
-    ema: AveragedModel | None = None  # moving average of the weights, if train.ema > 0
-    epoch: int = 0  # epochs finished
-    step: int = 0  # training steps taken
-    history: list[dict] = field(default_factory=list)
-    best: dict | None = None  # checkpoint of the best epoch so far (is_better)
-    runner: str | None = None  # the name of the runner that trained the epochs so far
-
-    @property
-    def scored(self) -> torch.nn.Module | CompiledModel:
-        """What is tested each epoch and saved: the moving average if there is one."""
-        return self.ema.module if self.ema is not None else self.net
-
-    def state_dict(self, fingerprint: str) -> dict:
-        return {
-            "fingerprint": fingerprint,
-            "epoch": self.epoch,
-            "step": self.step,
-            "history": self.history,
-            "best": self.best,
-            "runner": self.runner,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": (torch.cuda.get_rng_state(self.generator.device)
-                         if self.generator.device.type == "cuda" else None),
-        }
-
-    def load_state_dict(self, saved: dict) -> None:
-        self.model.load_state_dict(saved["model"])
-        if (saved["ema"] is None) != (self.ema is None):
-            raise ValueError("the saved state and this run disagree on train.ema")
-        if self.ema is not None:
-            self.ema.load_state_dict(saved["ema"])
-        # how SGD runs (fused, with a tensor lr) belongs to this run's runner, not the state
-        runner_settings = [{key: group[key] for key in RUNNER_SETTINGS}
-                           for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(saved["optimizer"])
-        for group, settings in zip(self.optimizer.param_groups, runner_settings):
-            group.update(settings)
-        self.generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        if saved["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(saved["cuda_rng"], self.generator.device)
-        self.epoch, self.step = saved["epoch"], saved["step"]
-        self.history, self.best = list(saved["history"]), saved["best"]
-        self.runner = saved["runner"]
-
-
-def make_scheduler(p: TrainParams, optimizer: torch.optim.Optimizer,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """The learning-rate schedule, stepped after every batch.
-
-    onecycle: up from lr/start_div to lr over the first `warmup` share of the steps, then
-    down (cosine) to lr/start_div/final_div; momentum stays at train.momentum.
-    step: lr times gamma after every step_size epochs.
-    """
-    if p.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=p.lr, epochs=p.epochs, steps_per_epoch=steps_per_epoch,
-            pct_start=p.warmup, div_factor=p.start_div, final_div_factor=p.final_div,
-            cycle_momentum=False)
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=p.step_size * steps_per_epoch,
-                                           gamma=p.gamma)
-
-
-def lr_schedule(p: TrainParams, steps_per_epoch: int) -> list[float]:
-    """The learning rate of each of the run's training steps, in order: the floats that
-    torch's scheduler (make_scheduler) sets, stepped after every batch. Held as a list,
-    the schedule can be indexed by step on the host or, as a tensor, on the GPU."""
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=p.lr)
-    scheduler = make_scheduler(p, optimizer, steps_per_epoch)
-    lrs = []
-    for _ in range(p.epochs * steps_per_epoch):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()  # no gradients, so it changes nothing; the scheduler wants it first
-        scheduler.step()
-    return lrs
-
-
-def new_state(p: TrainParams, device: torch.device, n_train: int) -> TrainState:
-    """A freshly initialised model, optimiser and schedule, seeded from P, for a
-    training set of N_TRAIN images."""
-    torch.manual_seed(p.seed)
-    # torch's own dropout is fast on CUDA (and safe inside CUDA graphs); Dropout16 is for CPUs
-    model = Net(dropout=p.dropout, fast_dropout=switch(p.fast_dropout, device, "cpu")).to(device)
-    if switch(p.channels_last, device):
-        model = model.to(memory_format=torch.channels_last)
-    net = compile_model(model, device) if use_compile(p, device) else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=p.momentum,
-                                nesterov=p.nesterov, weight_decay=p.weight_decay)
-    lrs = lr_schedule(p, math.ceil(n_train / p.batch_size))
-    generator = torch.Generator(device=device).manual_seed(p.seed)
-    # the average covers BatchNorm's running statistics too (use_buffers)
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(p.ema), use_buffers=True)
-           if p.ema > 0 else None)
-    return TrainState(model, net, optimizer, lrs, generator, ema)
 
 
 def score(model, data: DeviceData, batch_size: int | None = TEST_BATCH_SIZE
@@ -169,15 +60,17 @@ def score(model, data: DeviceData, batch_size: int | None = TEST_BATCH_SIZE
     return loss, 100 * (out.argmax(dim=1) == data.y).sum().item() / len(data)
 
 
-def fit(state: TrainState, train_data: DeviceData, test_data: DeviceData, p: TrainParams,
-        on_epoch=None, runner: EagerRunner | GraphRunner | None = None,
+def fit(state: TrainState, train_data: DeviceData, test_data: DeviceData | None,
+        p: TrainParams, on_epoch=None, runner: EagerRunner | GraphRunner | None = None,
         val_data: DeviceData | None = None) -> list[dict]:
-    """Train from STATE.epoch to P.epochs, calling ON_EPOCH(state) after each epoch;
-    each epoch is scored on TEST_DATA and, if given, on VAL_DATA.
+    """Train from STATE.epoch to P.epochs, calling ON_EPOCH(state) after each epoch.
+    Each epoch is scored on VAL_DATA if given, and then the test set is not touched
+    (TEST_DATA may be None); without VAL_DATA, on TEST_DATA, the notebook's curve.
 
     RUNNER runs the training steps; by default the one train.cuda_graph asks for."""
     if runner is None:
         runner = make_runner(state, train_data, p, use_cuda_graph(p, train_data.x.device))
+    split, scored_on = ("val", val_data) if val_data is not None else ("test", test_data)
     state.runner = runner.name
     while state.epoch < p.epochs:
         epoch = state.epoch + 1
@@ -185,14 +78,10 @@ def fit(state: TrainState, train_data: DeviceData, test_data: DeviceData, p: Tra
         start = time.perf_counter()
         train_loss, train_acc = runner.train_epoch(state, train_data, p,
                                                    desc=f"epoch {epoch}/{p.epochs}")
-        test_loss, test_acc = score(state.scored, test_data, runner.test_batch_size)
+        state.end_of_epoch(p, train_data.x)
+        loss, acc = score(state.scored, scored_on, runner.test_batch_size)
         row = {"epoch": epoch, "train/loss": train_loss, "train/acc": train_acc,
-               "test/loss": test_loss, "test/acc": test_acc, "lr": lr}
-        val = ""
-        if val_data is not None:
-            row["val/loss"], row["val/acc"] = score(state.scored, val_data,
-                                                    runner.test_batch_size)
-            val = f"val loss {row['val/loss']:.4f} acc {row['val/acc']:6.2f}%  "
+               f"{split}/loss": loss, f"{split}/acc": acc, "lr": lr}
         seconds = time.perf_counter() - start
         state.epoch = epoch
         state.history.append(row)
@@ -200,7 +89,7 @@ def fit(state: TrainState, train_data: DeviceData, test_data: DeviceData, p: Tra
             on_epoch(state)
         # after ON_EPOCH: once this line is out, the epoch's state is saved
         tqdm.write(f"epoch {epoch:2d}/{p.epochs}  train loss {train_loss:.4f} "
-                   f"acc {train_acc:6.2f}%  {val}test loss {test_loss:.4f} acc {test_acc:6.2f}%  "
+                   f"acc {train_acc:6.2f}%  {split} loss {loss:.4f} acc {acc:6.2f}%  "
                    f"lr {lr:.0e}  {seconds:5.1f}s")
     return state.history
 
@@ -227,16 +116,16 @@ def is_better(row: dict, best: dict | None) -> bool:
 
 
 def best_summary(history: list[dict], best: dict) -> dict:
-    """DVCLive's `best`: as the notebook reports them, the best test and train accuracy
-    over all epochs (the test one chosen on the test set), and with a validation split
-    the best validation epoch, which best.pt holds."""
-    top = max(history, key=lambda row: row["test/acc"])  # the first of equals
-    summary = {"test_acc": top["test/acc"], "test_epoch": top["epoch"],
-               "train_acc": max(row["train/acc"] for row in history)}
+    """DVCLive's `best`. Without a validation split, as the notebook reports them: the
+    best test and train accuracy over all epochs (the test one chosen on the test set).
+    With one, the best validation epoch, which best.pt holds, and the best train
+    accuracy: the test set was not scored."""
+    train_acc = max(row["train/acc"] for row in history)
     if "val_accuracy" in best:
-        summary.update(val_acc=best["val_accuracy"], val_epoch=best["epoch"],
-                       val_epoch_test_acc=best["test_accuracy"])
-    return summary
+        return {"val_acc": best["val_accuracy"], "val_epoch": best["epoch"],
+                "train_acc": train_acc}
+    top = max(history, key=lambda row: row["test/acc"])  # the first of equals
+    return {"test_acc": top["test/acc"], "test_epoch": top["epoch"], "train_acc": train_acc}
 
 
 def device_model(device: torch.device) -> str:
@@ -320,18 +209,20 @@ def main() -> None:
     p = params.train
     device = resolve_device(p.device)
     mean, std = load_stats(args.data / "stats.json")
-    train_split, test_split = (load_split(args.data / f"{name}.pt") for name in ("train", "test"))
-    images, labels = train_split
-    val_data = None
-    if p.val_size:
+    images, labels = train_split = load_split(args.data / "train.pt")
+    val_data = test_data = None
+    if p.val_size:  # validation only: the test set is not even read
         kept, held = split_validation(labels, p.val_size, p.val_seed)
         val_data = to_device(images[held], labels[held], mean, std, device)
         images, labels = images[kept], labels[kept]
+        digest = data_digest(*train_split)
+    else:
+        test_split = load_split(args.data / "test.pt")
+        test_data = to_device(*test_split, mean, std, device)
+        digest = data_digest(*train_split, *test_split)
     train_data = to_device(images, labels, mean, std, device)
-    test_data = to_device(*test_split, mean, std, device)
     state_path = args.models / "state.pt"
-    key = fingerprint(p, params.runtime, device, data_digest(*train_split, *test_split),
-                      mean, std)
+    key = fingerprint(p, params.runtime, device, digest, mean, std)
     state = restore(p, device, len(train_data), state_path, key)
     # zeros in eval mode: the summary must not touch the RNG or BatchNorm statistics
     info = summary(state.model, input_data=torch.zeros(1, 1, 28, 28, device=device),
@@ -339,9 +230,10 @@ def main() -> None:
     print(info)
     write_text(args.models / "summary.txt", f"{info}\n")
     n_params = count_params(state.model)
-    held_out = f"{len(val_data)} validation / " if val_data is not None else ""
-    print(f"device {device}, {n_params} parameters, {len(train_data)} train / {held_out}"
-          f"{len(test_data)} test images, channels_last {switch(p.channels_last, device)}, "
+    scored = (f"{len(val_data)} validation images (the test set unused)" if val_data is not None
+              else f"{len(test_data)} test images")
+    print(f"device {device}, {n_params} parameters, {len(train_data)} train / {scored}, "
+          f"channels_last {switch(p.channels_last, device)}, "
           f"compile {use_compile(p, device)}, "
           f"cuda_graph {use_cuda_graph(p, device)}, "
           f"fast_dropout {switch(p.fast_dropout, device, 'cpu')}, "
@@ -355,9 +247,9 @@ def main() -> None:
     def make_checkpoint(s: TrainState) -> dict:
         weights = s.ema.module if s.ema is not None else s.model
         row = s.history[-1]
-        val = {"val_accuracy": row["val/acc"]} if "val/acc" in row else {}
-        return checkpoint(weights, {"dropout": p.dropout}, epoch=s.epoch,
-                          test_accuracy=row["test/acc"], **val,
+        accuracy = ({"val_accuracy": row["val/acc"]} if "val/acc" in row
+                    else {"test_accuracy": row["test/acc"]})
+        return checkpoint(weights, {"dropout": p.dropout}, epoch=s.epoch, **accuracy,
                           params=dataclasses.asdict(p), normalisation={"mean": mean, "std": std})
 
     with Live(dir=str(args.live), dvcyaml=False, save_dvc_exp=False, report=None) as live:
@@ -377,11 +269,12 @@ def main() -> None:
 
     save_torch(args.models / "model.pt", make_checkpoint(state))
     best = live.summary["best"]
-    chosen = (f"best validation {best['val_acc']:.2f}% (epoch {best['val_epoch']}, "
-              f"best.pt), " if "val_acc" in best else "")
-    print(f"final test accuracy {state.history[-1]['test/acc']:.2f}%, {chosen}"
-          f"best test {best['test_acc']:.2f}% (epoch {best['test_epoch']})")
-
+    if "val_acc" in best:
+        print(f"final validation accuracy {state.history[-1]['val/acc']:.2f}%, best "
+              f"{best['val_acc']:.2f}% (epoch {best['val_epoch']}, best.pt); test set unused")
+    else:
+        print(f"final test accuracy {state.history[-1]['test/acc']:.2f}%, "
+              f"best test {best['test_acc']:.2f}% (epoch {best['test_epoch']})")
 
 if __name__ == "__main__":
     run_cli(main)

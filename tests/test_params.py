@@ -74,6 +74,15 @@ def test_float_params_given_as_integers_become_floats(raw):
     ("val_size", -1, "is out of range; allowed: an integer >= 0"),
     ("val_size", 0.5, "is not an integer"),
     ("val_seed", 2**64, "is out of range; allowed: an integer in [0, 2**64)"),
+    ("interpolation", "bicubic", "is out of range; allowed: nearest or bilinear"),
+    ("bn_recompute", "yes", "is not true or false"),
+    ("clean_epochs", -1, "is out of range; allowed: an integer >= 0"),
+    ("clean_epochs", 1.5, "is not an integer"),
+    ("anneal", "cosine", "is out of range; allowed: cos or linear"),
+    ("norm_decay", 0, "is not true or false"),
+    ("swa_epochs", -2, "is out of range; allowed: an integer >= 0"),
+    ("elastic", -0.5, "is out of range; allowed: pixels in [0, 4]"),
+    ("elastic", 5, "is out of range; allowed: pixels in [0, 4]"),
 ])
 def test_bad_train_value(raw, key, value, problem):
     bad = copy.deepcopy(raw)
@@ -89,6 +98,12 @@ def test_bad_train_value(raw, key, value, problem):
     ({"cuda_graph": "on", "compile": "on"}, "train.cuda_graph and train.compile are both on"),
     ({"cuda_graph": "on", "ema": 0.99}, "train.cuda_graph is on but train.ema is 0.99"),
     ({"cuda_graph": "on", "device": "cpu"}, "train.cuda_graph is on but train.device is cpu"),
+    ({"epochs": 3, "clean_epochs": 3},
+     "train.clean_epochs 3 must be below train.epochs 3; at least the first epoch is augmented"),
+    ({"epochs": 3, "swa_epochs": 4}, "train.swa_epochs 4 is more than train.epochs 3"),
+    ({"swa_epochs": 2, "ema": 0.99}, "train.swa_epochs and train.ema both average the weights"),
+    ({"cuda_graph": "on", "clean_epochs": 2},
+     "train.cuda_graph is on but train.clean_epochs is 2; the graphs hold the augmented step"),
 ])
 def test_combinations_that_cannot_run_are_one_line_errors(raw, changes, message):
     bad = copy.deepcopy(raw)
@@ -156,7 +171,7 @@ def test_the_largest_calibrate_seed_is_accepted_by_the_fit_and_the_measurement(
 
 
 def test_the_largest_seed_is_accepted_by_torch(raw):
-    from stages.train import new_state
+    from stages.state import new_state
 
     big = copy.deepcopy(raw)
     big["train"]["seed"] = 2**64 - 1
@@ -264,6 +279,10 @@ def test_fingerprint_ignores_resume_but_not_lr():
     assert resumed.fingerprint() == p.fingerprint()
     assert dataclasses.replace(p, lr=p.lr * 2).fingerprint() != p.fingerprint()
     assert dataclasses.replace(p, seed=p.seed + 1).fingerprint() != p.fingerprint()
+    candidates = {"interpolation": "bilinear", "bn_recompute": True, "clean_epochs": 1,
+                  "anneal": "linear", "norm_decay": False, "swa_epochs": 2, "elastic": 1.0}
+    for key, value in candidates.items():  # a state saved with another recipe is not resumed
+        assert dataclasses.replace(p, **{key: value}).fingerprint() != p.fingerprint(), key
     assert isinstance(p, TrainParams) and p.fingerprint() == load_params(PARAMS_YAML).train.fingerprint()
 
 

@@ -17,7 +17,8 @@ from helpers import REPO, tiny_split, train_first_epoch_and_save, write_prepared
 from stages.common import load_torch, save_torch
 from stages.data import to_device
 from stages.params import load_params
-from stages.train import fingerprint, fit, new_state, restore, resume_runner
+from stages.state import new_state
+from stages.train import fingerprint, fit, restore, resume_runner
 import stages.train
 
 EPOCHS = 4
@@ -250,3 +251,40 @@ def test_data_digest_tells_content_not_only_sizes():
     assert data_digest(images) == data_digest(images.clone())
     assert data_digest(images) != data_digest(images.flip(0))
     assert data_digest(images) != data_digest(images.to(torch.int64))
+
+
+@pytest.mark.parametrize("after_epoch", [1, 2])
+def test_a_run_with_every_candidate_on_resumes_to_the_uninterrupted_result(tmp_path,
+                                                                           after_epoch):
+    """The weights' average (train.swa_epochs) and the second parameter group
+    (train.norm_decay false) are saved and restored; clean epochs, the elastic fields
+    and the statistics recomputed at the end follow from the epoch and the generator."""
+    from helpers import Killed
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(epochs=3, batch_size=32, resume=True, swa_epochs=2, norm_decay=False,
+                        clean_epochs=1, bn_recompute=True, elastic=1.0, interpolation="bilinear",
+                        anneal="linear")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tmp_path / "params.yaml")
+    p = params.train
+    split = tiny_split(64, 0)
+    data = to_device(split["images"], split["labels"], 0.2, 0.35, CPU)
+    key = fingerprint(p, params.runtime, CPU, "data", 0.2, 0.35)
+    path = tmp_path / "state.pt"
+
+    def save_and_stop(s) -> None:
+        save_torch(path, s.state_dict(key))
+        if s.epoch == after_epoch:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(new_state(p, CPU, 64), data, data, p, save_and_stop)
+    whole = new_state(p, CPU, 64)
+    fit(whole, data, data, p)
+    state = restore(p, CPU, 64, path, key)
+    assert state.epoch == after_epoch and (state.swa.n_averaged.item() == after_epoch - 1)
+    fit(state, data, data, p)
+    assert state.history == whole.history
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(state.model.state_dict()[name], tensor), name

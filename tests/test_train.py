@@ -19,7 +19,8 @@ from stages.model import count_params, from_checkpoint
 from stages.params import load_params
 from stages.plot import read_history
 from stages.runners import EagerRunner, GraphRunner, make_runner, smoothed_nll
-from stages.train import fit, lr_schedule, new_state, score
+from stages.state import lr_schedule, new_state
+from stages.train import fit, score
 import stages.runners
 
 CPU = torch.device("cpu")
@@ -250,13 +251,53 @@ def test_ema_is_what_is_tested_and_lags_the_weights(params):
 
 # --- the step function and its two runners ------------------------------------------
 
-def epochs_before_the_step_function(state, data, p, epochs: int) -> list[tuple[float, float]]:
-    """The training loop as it was before train_step and the runners: the scheduler
-    object stepped after each optimizer step. The oracle for the eager runner."""
-    from stages.data import augment
-    from stages.train import make_scheduler
+def augment_before(x, rotation, translate, background, generator, scale):
+    """stages.data.augment as it was before the recipe's candidates (interpolation,
+    elastic), copied: the oracle that their defaults draw and compute the same."""
+    from stages.data import pixel_centres
 
-    scheduler = make_scheduler(p, state.optimizer, math.ceil(len(data) / p.batch_size))
+    if rotation == 0 and translate == 0 and scale == 0:
+        return x
+    n, _, h, w = x.shape
+    xs = pixel_centres(w, x.device, x.dtype).view(1, 1, w)
+    ys = pixel_centres(h, x.device, x.dtype).view(1, h, 1)
+    if rotation > 0:
+        angles = torch.rand(n, device=x.device, generator=generator, dtype=x.dtype)
+        angles = (angles * 2 - 1) * math.radians(rotation)
+        cos, sin = angles.cos().view(n, 1, 1), angles.sin().view(n, 1, 1)
+        gx, gy = cos * xs + (-sin) * ys, sin * xs + cos * ys
+    else:
+        gx, gy = xs.expand(n, h, w), ys.expand(n, h, w)
+    if translate > 0:
+        shift = torch.rand(n, 2, device=x.device, generator=generator, dtype=x.dtype)
+        shift = (shift * 2 - 1) * translate
+    if scale > 0:
+        zoom = torch.rand(n, device=x.device, generator=generator, dtype=x.dtype)
+        zoom = (1 + (zoom * 2 - 1) * scale).view(n, 1, 1)
+        gx, gy = gx / zoom, gy / zoom
+    if translate > 0:
+        gx = gx + (shift[:, 0] * (2 / w)).view(n, 1, 1)
+        gy = gy + (shift[:, 1] * (2 / h)).view(n, 1, 1)
+    grid = torch.stack([gx, gy], dim=-1)
+    return F.grid_sample(x - background, grid, mode="nearest", align_corners=False) + background
+
+
+def epochs_before_the_step_function(state, data, p, epochs: int) -> list[tuple[float, float]]:
+    """The training loop as it was before train_step, the runners and the recipe's
+    candidates: one SGD group, torch's own OneCycleLR or StepLR (default anneal) stepped
+    after each optimizer step, the old augmentation. The oracle for the eager runner."""
+    steps = math.ceil(len(data) / p.batch_size)
+    optimizer = torch.optim.SGD(state.model.parameters(), lr=p.lr, momentum=p.momentum,
+                                nesterov=p.nesterov, weight_decay=p.weight_decay)
+    if p.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=p.lr, epochs=p.epochs, steps_per_epoch=steps,
+            pct_start=p.warmup, div_factor=p.start_div, final_div_factor=p.final_div,
+            cycle_momentum=False)
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=p.step_size * steps,
+                                                    gamma=p.gamma)
+    state.optimizer = optimizer
     results = []
     for _ in range(epochs):
         state.net.train()
@@ -264,7 +305,8 @@ def epochs_before_the_step_function(state, data, p, epochs: int) -> list[tuple[f
         loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
         for idx in order.split(p.batch_size):
             x, y = data.x[idx], data.y[idx]
-            x = augment(x, p.rotation, p.translate, data.background, state.generator, p.scale)
+            x = augment_before(x, p.rotation, p.translate, data.background, state.generator,
+                               p.scale)
             out = state.net(x)
             loss = smoothed_nll(out, y, p.label_smoothing)
             state.optimizer.zero_grad(set_to_none=True)
@@ -283,14 +325,18 @@ def epochs_before_the_step_function(state, data, p, epochs: int) -> list[tuple[f
                                           "gamma": 0.5},
                                      {"ema": 0.9, "label_smoothing": 0.1}])
 def test_the_eager_runner_trains_bit_for_bit_as_the_loop_before_it(params, changes):
-    """The committed CPU runs must not change: the schedule as a table of per-step lrs
-    and the step as a function give exactly the old loop's weights and numbers."""
+    """The committed CPU runs must not change: the schedule as a table of per-step lrs,
+    the step as a function, and the recipe's candidates at params.yaml's values give
+    exactly the old loop's weights and numbers."""
     p = dataclasses.replace(params.train, epochs=2, **changes)
+    assert (p.interpolation, p.elastic, p.clean_epochs, p.anneal, p.norm_decay, p.swa_epochs,
+            p.bn_recompute) == ("nearest", 0.0, 0, "cos", True, 0, False)
     data = device_data(tiny_split(200, 0))  # 6 batches of 32 and one of 8
     before = new_state(p, CPU, 200)  # each right before its run: dropout draws from
     expected = epochs_before_the_step_function(before, data, p, 2)  # torch's global RNG
     after = new_state(p, CPU, 200)
-    assert [EagerRunner().train_epoch(after, data, p) for _ in range(2)] == expected
+    history = fit(after, data, data, p, runner=EagerRunner())  # scoring draws nothing
+    assert [(row["train/loss"], row["train/acc"]) for row in history] == expected
     for name, tensor in before.model.state_dict().items():
         assert torch.equal(after.model.state_dict()[name], tensor), name
     if before.ema is not None:
@@ -298,12 +344,16 @@ def test_the_eager_runner_trains_bit_for_bit_as_the_loop_before_it(params, chang
             assert torch.equal(after.ema.state_dict()[name], tensor), name
 
 
-def test_the_graph_runners_steps_match_the_eager_runners_on_the_cpu(params):
+@pytest.mark.parametrize("changes", [{}, {"interpolation": "bilinear", "elastic": 1.5},
+                                     {"norm_decay": False, "anneal": "linear"},
+                                     {"swa_epochs": 2}, {"bn_recompute": True}])
+def test_the_graph_runners_steps_match_the_eager_runners_on_the_cpu(params, changes):
     """GraphRunner without capture: its device-side gather, counters, lr table and fused
     SGD with a tensor lr, run eagerly. Against the eager runner over 3 epochs the
     weights differ by at most 1.8e-7 (measured: fused SGD rounds in another order), and
-    every logged number agrees within 1e-6; the tolerances are a few times that."""
-    p = dataclasses.replace(params.train, epochs=3)
+    every logged number agrees within 1e-6; the tolerances are a few times that. The
+    recipe's candidates that the graphs hold (or that run between epochs) too."""
+    p = dataclasses.replace(params.train, epochs=3, **changes)
     train, test = device_data(tiny_split(200, 0)), device_data(tiny_split(64, 1))
     eager = new_state(p, CPU, 200)
     expected = fit(eager, train, test, p, runner=EagerRunner())
@@ -325,9 +375,9 @@ def test_both_runners_train_every_image_once_an_epoch_the_last_batch_included(
     data = device_data(tiny_split(200, 0))
     seen = []
 
-    def recording_step(state, data, idx, p, totals):
+    def recording_step(state, data, idx, p, totals, *args):
         seen.append(idx.clone())
-        real_step(state, data, idx, p, totals)
+        real_step(state, data, idx, p, totals, *args)
 
     real_step = stages.runners.train_step
     monkeypatch.setattr(stages.runners, "train_step", recording_step)
@@ -448,10 +498,10 @@ def test_no_training_batch_holds_a_validation_image_whatever_the_training_seed(
                                 translate=0.0)
         seen = []
 
-        def recording_step(state, data, idx, p, totals):
+        def recording_step(state, data, idx, p, totals, *args):
             seen.extend(data.x[idx].mul(0.35).add(0.2).mul(255).round().to(torch.uint8)
                         .squeeze(1).numpy())
-            real_step(state, data, idx, p, totals)
+            real_step(state, data, idx, p, totals, *args)
 
         real_step = stages.runners.train_step
         monkeypatch.setattr(stages.runners, "train_step", recording_step)
@@ -465,30 +515,59 @@ def test_no_training_batch_holds_a_validation_image_whatever_the_training_seed(
         assert len(seen) == 160 and not trained & held_images
 
 
-def test_best_pt_follows_validation_accuracy_not_test_accuracy(tmp_path, params):
-    """With a validation split, best.pt is the epoch of the best validation accuracy. The
-    test labels here are shuffled, so that the best test epoch is another one."""
+def test_a_run_with_a_validation_split_reads_and_scores_no_test_set(tmp_path, params):
+    """With a validation split, the stage scores each epoch on it and never opens
+    test.pt (here a file that is no split at all, so reading it would fail); best.pt is
+    the best validation epoch; no test metric is logged or written; the plot stage draws
+    the validation curve."""
     cwd = tmp_path
     folder = write_prepared(cwd / "data" / "prepared", n_train=256)
-    test = torch.load(folder / "test.pt")
-    test["labels"] = test["labels"][torch.randperm(64, generator=torch.Generator().manual_seed(0))]
-    torch.save(test, folder / "test.pt")
+    (folder / "test.pt").write_bytes(b"not a split: the stage must not read it")
     raw = yaml.safe_load((cwd / "params.yaml").read_text())
-    raw["train"].update(epochs=6, val_size=64, lr=0.05)
+    raw["train"].update(epochs=4, val_size=64, lr=0.05)
     (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
     proc = run_stage("stages.train", "--data", "data/prepared", "--models", "models",
                      "--live", "metrics/train", cwd=cwd, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "192 train / 64 validation images (the test set unused)" in proc.stdout
+    assert "test loss" not in proc.stdout and "test accuracy" not in proc.stdout
     history = read_history(cwd / "metrics" / "train")
-    best = load_torch(cwd / "models" / "best.pt", "checkpoint")
-    val_epoch, test_epoch = history["val/acc"].idxmax(), history["test/acc"].idxmax()
-    assert val_epoch != test_epoch, "the data must make the two measures disagree"
-    assert best["epoch"] == val_epoch
-    assert best["val_accuracy"] == pytest.approx(history["val/acc"].max())
+    assert list(history.columns) == ["train/acc", "train/loss", "val/acc", "val/loss"]
+    assert not (cwd / "metrics" / "train" / "plots" / "metrics" / "test").exists()
     summary = json.loads((cwd / "metrics" / "train" / "metrics.json").read_text())
-    assert summary["best"]["val_epoch"] == val_epoch
-    assert summary["best"]["test_epoch"] == test_epoch  # the notebook's measure, kept apart
-    assert "60000" not in proc.stdout and "192 train / 64 validation / 64 test" in proc.stdout
+    assert "test" not in summary and "test" not in json.dumps(summary)
+    assert summary["best"]["val_epoch"] == history["val/acc"].idxmax()
+    best = load_torch(cwd / "models" / "best.pt", "checkpoint")
+    final = load_torch(cwd / "models" / "model.pt", "checkpoint")
+    assert best["epoch"] == history["val/acc"].idxmax()
+    assert best["val_accuracy"] == pytest.approx(history["val/acc"].max())
+    assert final["val_accuracy"] == pytest.approx(history["val/acc"].iloc[-1])
+    assert "test_accuracy" not in best and "test_accuracy" not in final
+    proc = run_stage("stages.plot", "metrics/train", "plots", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert (cwd / "plots" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_with_a_validation_split_passes_no_test_image_to_the_model(params):
+    """A sentinel: test images of a value no normalised digit has; the model's inputs,
+    training and scoring, are watched for it, and the score function for the test set."""
+    p = dataclasses.replace(params.train, epochs=2)
+    train, val = device_data(tiny_split(96, 0)), device_data(tiny_split(32, 2))
+    test = DeviceData(x=torch.full((64, 1, 28, 28), 777.0), y=torch.zeros(64, dtype=torch.int64),
+                      background=0.0)
+    state = new_state(p, CPU, 96)
+    inputs = []
+    state.model.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    history = fit(state, train, test, p, val_data=val)
+    assert len(inputs) > 2 and not any((x == 777.0).any() for x in inputs)
+    assert [sorted(row) for row in history] == [["epoch", "lr", "train/acc", "train/loss",
+                                                 "val/acc", "val/loss"]] * 2
+    assert history[-1]["val/loss"] == score(state.scored, val)[0]
+    # the watch can see it: without the split, the test set and its sentinel are scored
+    plain, seen = new_state(p, CPU, 96), []
+    plain.model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    assert "test/acc" in fit(plain, train, test, p)[0]
+    assert any((x == 777.0).any() for x in seen)
 
 
 def test_a_validation_split_as_large_as_the_training_set_is_one_line(tmp_path, prepared):
@@ -501,3 +580,201 @@ def test_a_validation_split_as_large_as_the_training_set_is_one_line(tmp_path, p
     assert line == ("error: train.val_size 256 must be between 1 and 255, the 256 training "
                     "images less one; 0 holds out none")
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_the_training_state_has_one_home_that_the_runners_and_the_stage_import():
+    """TrainState lives in stages/state.py; the runners use it at run time, with no
+    import of the train stage (no circle through a TYPE_CHECKING import)."""
+    import ast
+    import stages.state
+    import stages.train
+
+    assert stages.runners.TrainState is stages.state.TrainState is stages.train.TrainState
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(open(module.__file__).read())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+    assert "stages.train" not in imported(stages.runners)
+    assert not {"stages.train", "stages.runners"} & imported(stages.state)
+    assert "stages/state.py" in yaml.safe_load((REPO / "dvc.yaml").read_text()
+                                               )["stages"]["train"]["deps"]
+
+
+# --- the recipe's candidates (train params whose defaults change nothing) ---------------
+
+def total_variation(x: torch.Tensor) -> float:
+    return ((x[..., 1:, :] - x[..., :-1, :]).abs().sum()
+            + (x[..., :, 1:] - x[..., :, :-1]).abs().sum()).item()
+
+
+def test_bilinear_resampling_differs_from_nearest_and_is_smoother():
+    from stages.data import augment
+
+    x = device_data(tiny_split(16, 0)).x
+    background = x.min().item()
+    out = {mode: augment(x, 15.0, 1.0, background, torch.Generator().manual_seed(3), 0.1,
+                         mode=mode) for mode in ("nearest", "bilinear")}
+    assert not torch.equal(out["nearest"], out["bilinear"])
+    values = set(x.unique().tolist()) | {background}
+    assert set(out["nearest"].unique().tolist()) <= values  # nearest only copies pixels
+    assert not set(out["bilinear"].unique().tolist()) <= values  # bilinear blends them
+    assert total_variation(out["bilinear"]) < 0.9 * total_variation(out["nearest"])
+
+
+def test_the_training_step_resamples_as_train_interpolation_says(params, monkeypatch):
+    from stages.data import augment
+
+    modes = []
+
+    def recording(*args, **kwargs):
+        modes.append(args[7] if len(args) > 7 else kwargs.get("mode", "nearest"))
+        return augment(*args, **kwargs)
+
+    monkeypatch.setattr(stages.runners, "augment", recording)
+    for mode in ("nearest", "bilinear"):
+        p = dataclasses.replace(params.train, epochs=1, interpolation=mode)
+        EagerRunner().train_epoch(new_state(p, CPU, 64), device_data(tiny_split(64, 0)), p)
+    assert modes == ["nearest"] * 2 + ["bilinear"] * 2
+
+
+def test_elastic_displaces_smoothly_by_at_most_its_pixels_after_the_other_draws():
+    """On ramps that hold each pixel's own column (or row), bilinear resampling tells
+    the displacement: at most ELASTIC pixels, somewhere near it, smooth between
+    neighbours. A vanishing ELASTIC gives the output without it: the angles, shifts and
+    zooms are drawn first, as before."""
+    from stages.data import augment
+
+    n, side, elastic = 8, 28, 2.0
+    cols = torch.arange(side, dtype=torch.float32).expand(n, 1, side, side).contiguous()
+    rows = cols.transpose(2, 3).contiguous()
+    dx, dy = (augment(ramp, 0.0, 0.0, 0.0, torch.Generator().manual_seed(5), 0.0, elastic,
+                      "bilinear") - ramp for ramp in (cols, rows))
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4))  # no border clipping
+    shift = torch.stack([dx[inner], dy[inner]])
+    assert shift.abs().max() <= elastic + 1e-4 and shift.abs().max() > 0.5 * elastic
+    inner_dx = dx[inner]
+    assert (inner_dx[..., 1:] - inner_dx[..., :-1]).abs().max() < 0.5  # a field, not noise
+    x = device_data(tiny_split(n, 0)).x
+    plain, tiny = (augment(x, 7.0, 1.0, -0.4, torch.Generator().manual_seed(5), 0.1, e,
+                           "bilinear") for e in (0.0, 1e-6))
+    torch.testing.assert_close(tiny, plain, rtol=0, atol=1e-4)
+    assert torch.equal(augment(x, 0.0, 0.0, -0.4, torch.Generator(), 0.0, 0.0), x)
+
+
+def batch_norms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def bn_inputs(model, x) -> list[torch.Tensor]:
+    """Each BatchNorm layer's input for images X in one batch, on a copy of MODEL with
+    BatchNorm normalising by the batch's statistics and dropout off."""
+    import copy
+
+    model, seen = copy.deepcopy(model), []
+    model.eval()
+    for norm in batch_norms(model):
+        norm.train()
+        norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(x)
+    return seen
+
+
+@pytest.mark.parametrize("bn_recompute", [False, True])
+def test_bn_recompute_sets_the_statistics_of_the_unaugmented_training_images(
+        params, bn_recompute):
+    """96 images, one batch of the recompute: each layer's running mean and variance
+    are then exactly the batch statistics of the un-augmented images (dropout off);
+    without bn_recompute they are not."""
+    p = dataclasses.replace(params.train, epochs=2, bn_recompute=bn_recompute, dropout=0.1)
+    train, test = device_data(tiny_split(96, 0)), device_data(tiny_split(64, 1))
+    state = new_state(p, CPU, 96)
+    fit(state, train, test, p)
+    inputs = bn_inputs(state.model, train.x)
+    matches = []
+    for norm, x in zip(batch_norms(state.model), inputs, strict=True):
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=True)
+        matches.append(torch.allclose(norm.running_mean, mean, rtol=1e-4, atol=1e-6)
+                       and torch.allclose(norm.running_var, var, rtol=1e-4, atol=1e-6))
+    assert all(matches) if bn_recompute else not any(matches)
+    assert state.history[-1]["test/loss"] == score(state.scored, test)[0]  # scored after it
+
+
+def test_clean_epochs_train_the_last_epochs_on_unaugmented_images(params, monkeypatch):
+    from stages.data import augment
+
+    p = dataclasses.replace(params.train, epochs=3, clean_epochs=1)
+    train = device_data(tiny_split(96, 0))
+    state = new_state(p, CPU, 96)
+    augmented_in, fed = [], []
+    monkeypatch.setattr(stages.runners, "augment",
+                        lambda *a, **k: augmented_in.append(state.epoch) or augment(*a, **k))
+    state.model.register_forward_pre_hook(lambda m, args: fed.append((state.epoch, args[0])))
+    fit(state, train, device_data(tiny_split(64, 1)), p)
+    assert augmented_in == [0] * 3 + [1] * 3  # epochs 1 and 2, 3 batches each
+    last = [x for epoch, x in fed if epoch == 2 and x.shape[0] == 32]  # epoch 3's batches
+    assert len(last) == 3
+    images = {image.numpy().tobytes() for image in train.x}
+    assert all(image.numpy().tobytes() in images for x in last for image in x)
+
+
+def test_clean_epochs_run_eagerly_only(params):
+    from stages.runners import use_cuda_graph
+
+    p = dataclasses.replace(params.train, clean_epochs=2)
+    assert use_cuda_graph(p, torch.device("cuda")) is False
+    with pytest.raises(ValueError, match="eagerly only"):
+        GraphRunner(new_state(p, CPU, 64), device_data(tiny_split(64, 0)), p, capture=False)
+
+
+def test_linear_anneal_falls_in_equal_steps_to_the_same_end(params):
+    p = dataclasses.replace(params.train, schedule="onecycle", lr=0.1, epochs=4, warmup=0.25,
+                            start_div=10.0, final_div=1000.0)
+    cos, linear = (lr_schedule(dataclasses.replace(p, anneal=a), steps_per_epoch=10)
+                   for a in ("cos", "linear"))
+    peak = linear.index(max(linear))  # torch shapes the warm-up the same way
+    assert peak == 9 and linear[peak] == pytest.approx(0.1)
+    falls = [a - b for a, b in zip(linear[peak:], linear[peak + 1:])]
+    assert max(falls) - min(falls) < 1e-9 and min(falls) > 0
+    assert linear[-1] == pytest.approx(cos[-1]) == pytest.approx(0.1 / 10 / 1000)
+    assert linear != cos
+
+
+def test_norm_decay_false_exempts_batchnorm_and_the_last_1x1_from_weight_decay(params):
+    p = params.train
+    groups = new_state(p, CPU, 64).optimizer.param_groups
+    assert len(groups) == 1 and groups[0]["weight_decay"] == p.weight_decay > 0
+    state = new_state(dataclasses.replace(p, norm_decay=False), CPU, 64)
+    decayed, exempt = state.optimizer.param_groups
+    names = {id(w): name for name, w in state.model.named_parameters()}
+    norms = {name for name, m in state.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert decayed["weight_decay"] == p.weight_decay and exempt["weight_decay"] == 0
+    assert sorted(names[id(w)] for w in exempt["params"]) == sorted(
+        [f"{n}.{k}" for n in norms for k in ("weight", "bias")] + ["features.9.weight"])
+    assert len(decayed["params"]) == 7  # the six 3x3 convolutions and the first 1x1
+    assert all(names[id(w)].endswith(".weight") and w.dim() == 4 for w in decayed["params"])
+
+
+def test_swa_saves_the_mean_of_the_last_epochs_weights_with_recomputed_statistics(params):
+    p = dataclasses.replace(params.train, epochs=3, swa_epochs=2)
+    train, test = device_data(tiny_split(96, 0)), device_data(tiny_split(64, 1))
+    state = new_state(p, CPU, 96)
+    snapshots, runner = [], EagerRunner()
+    train_epoch = runner.train_epoch
+
+    def recording(*args, **kwargs):
+        result = train_epoch(*args, **kwargs)
+        snapshots.append({k: v.clone() for k, v in state.model.named_parameters()})
+        return result
+
+    runner.train_epoch = recording
+    fit(state, train, test, p, runner=runner)
+    weights = dict(state.model.named_parameters())
+    for name, weight in weights.items():
+        mean = (snapshots[1][name] + snapshots[2][name]) / 2
+        torch.testing.assert_close(weight.detach(), mean, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(weight.detach(), snapshots[2][name])
+    for norm, x in zip(batch_norms(state.model), bn_inputs(state.model, train.x), strict=True):
+        torch.testing.assert_close(norm.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-6)
+    assert state.history[-1]["test/loss"] == score(state.scored, test)[0]
