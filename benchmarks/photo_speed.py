@@ -3,9 +3,10 @@
 Run from the repository root after `dvc repro` (it needs models/model.pt and
 models/ood.json):
 
-    python -m benchmarks.photo_speed [--rounds 5] [--side 4000]
+    python -m benchmarks.photo_speed [--rounds 5] [--side 4000] [--style pen1]
 
-It writes a photo of an MNIST-like digit (stages/photos.py, all degradations) enlarged
+It writes a photo of an MNIST-like digit (stages/photos.py, all degradations; with
+--style, written in that style instead: a pen's thin line, pencil, ...) enlarged
 to SIDE×(3/4·SIDE) pixels as a JPEG (quality 90, EXIF orientation 6, as a phone stores
 it) to a temporary folder. Then, in a fresh process pinned to one CPU core with one
 thread for torch and OpenCV, with the model and its check loaded, it times
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from stages.common import StageError, run_cli
-from stages.photos import DEGRADATIONS, photograph
+from stages.photos import DEGRADATIONS, STYLES, photograph
 
 MEASURE = """
 import os, sys, time
@@ -54,13 +55,14 @@ print(" ".join(f"{t:.4f}" for t in times), (status("VmHWM") - before) // 1024, r
 """
 
 
-def phone_photo(path: Path, side: int) -> None:
-    """A photo of a digit, all degradations, enlarged to SIDE × 3/4 SIDE, as a phone's
-    JPEG stored sideways (EXIF orientation 6) at quality 90."""
+def phone_photo(path: Path, side: int, style: str | None = None) -> None:
+    """A photo of a digit, all degradations (or written in STYLE), enlarged to SIDE ×
+    3/4 SIDE, as a phone's JPEG stored sideways (EXIF orientation 6) at quality 90."""
     ink = np.zeros((28, 28))
     ink[5:23, 12:16] = 1  # a 1
     ink[5:9, 9:16] = 1
-    with Image.open(io.BytesIO(photograph(ink, [0, 0], frozenset(DEGRADATIONS)))) as small:
+    degradations = frozenset() if style else frozenset(DEGRADATIONS)
+    with Image.open(io.BytesIO(photograph(ink, [0, 0], degradations, style))) as small:
         upright = small.convert("RGB")
     if upright.width < upright.height:
         upright = upright.transpose(Image.Transpose.ROTATE_90)
@@ -76,10 +78,11 @@ def main() -> None:
     parser.add_argument("--ood", type=Path, default=Path("models/ood.json"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--side", type=int, default=4000, help="the photo's longer side")
+    parser.add_argument("--style", choices=sorted(STYLES), help="how the digit is written")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "photo.jpg"
-        phone_photo(path, args.side)
+        phone_photo(path, args.side, args.style)
         with Image.open(path) as image:
             width, height = image.size
         proc = subprocess.run([sys.executable, "-c", MEASURE, str(path), str(args.model),

@@ -34,7 +34,7 @@ from stages.ood import N_INK, N_LOGITS, DigitCheck, features, file_md5, fit, log
 from stages.params import CalibrateParams, load_params
 from stages.runtime import apply as apply_runtime
 from stages.predict import load_model, normalise, read_digit, to_mnist
-from stages.photos import (DEGRADATIONS, NON_DIGITS, lamp_photo, non_digit_photos,
+from stages.photos import (DEGRADATIONS, NON_DIGITS, STYLES, lamp_photo, non_digit_photos,
                            photograph, some_degradations)
 from stages.synthetic import KINDS, drawn, make, pen_strokes, typed_digits
 
@@ -111,18 +111,25 @@ class Reader:
         return self.files(map(png, images), labels)
 
 
-def photo_set(images: torch.Tensor, seed: int, degradations: frozenset[str]) -> Iterator[bytes]:
-    """Photos of MNIST digits IMAGES (N, 28, 28), each from its own seed: one digit with
-    other degradations lies on the same sheet at the same place."""
+def photo_set(images: torch.Tensor, seed: int, degradations: frozenset[str],
+              style: str | None = None) -> Iterator[bytes]:
+    """Photos of MNIST digits IMAGES (N, 28, 28), each from its own seed, written in
+    STYLE: one digit with other degradations, or in another style, lies on the same
+    sheet at the same place."""
     for i, digit in enumerate(images.numpy()):
-        yield photograph(digit / 255, [seed, i], degradations)
+        yield photograph(digit / 255, [seed, i], degradations, style)
 
 
 def fitting_photos(images: torch.Tensor, seed: int) -> Iterator[bytes]:
-    """Photos of IMAGES to fit on, each with some degradations (about half of them)."""
+    """Photos of IMAGES to fit on, each with some degradations (about half of them);
+    half of them written in one of the STYLES (a pen, pencil, a note on a desk, a
+    blackboard)."""
     rng = np.random.default_rng([seed, len(DEGRADATIONS)])
+    styles = np.random.default_rng([seed, len(DEGRADATIONS), len(STYLES)])
     for i, digit in enumerate(images.numpy()):
-        yield photograph(digit / 255, [seed, i], some_degradations(rng))
+        pick = int(styles.integers(2 * len(STYLES)))
+        style = list(STYLES)[pick] if pick < len(STYLES) else None
+        yield photograph(digit / 255, [seed, i], some_degradations(rng), style)
 
 
 @dataclass
@@ -233,6 +240,8 @@ def measure(calibration: Calibration, reader: Reader, test: tuple[torch.Tensor, 
     picked = evenly(p.photo_sets, len(images))
     photos = {name: reader.files(photo_set(images[picked], seed, degradations), labels[picked])
               for name, degradations in PHOTO_SETS.items()}
+    photos |= {name: reader.files(photo_set(images[picked], seed, frozenset(), name),
+                                  labels[picked]) for name in STYLES}
     photos["lamp"] = reader.files((lamp_photo(digit / 255, [seed, i])
                                    for i, digit in enumerate(images[picked].numpy())),
                                   labels[picked])
@@ -277,6 +286,7 @@ ROWS = {"mnist_test": "MNIST test digits", "typed": "digits typed in Pillow's fo
 PHOTO_ROWS = {"clean": "photographed: a clean sheet, nothing else",
               **{name: f"photographed: {what}" for name, what in DEGRADATIONS.items()},
               "all": "photographed: **all of these together**",
+              **{name: f"photographed: {what}" for name, what in STYLES.items()},
               "lamp": "another generator, never fitted on: a 600×600 sheet under a desk lamp "
                       "(up to 70 grey levels), noise σ 6, blur 1.2 px, JPEG 80"}
 KIND_NAMES = {f"photo_{kind}": f"photo of {what}" for kind, what in NON_DIGITS.items()}
@@ -310,7 +320,8 @@ def photo_table(metrics: dict) -> str:
     lines = ["| digits | n | read right | refused (blank) | flagged | refused or flagged |",
              "|---|---|---|---|---|---|"]
     rows = [(ROWS[key], metrics["digits"][key]) for key in ("mnist_test", "drawn")]
-    rows += [(name, metrics["photos"][key]) for key, name in PHOTO_ROWS.items()]
+    rows += [(name, metrics["photos"][key]) for key, name in PHOTO_ROWS.items()
+             if key in metrics["photos"]]
     for name, r in rows:
         lines.append(f"| {name} | {r['images']:,} | {r['accuracy']:.2f} % | {r['refused']:.2f} % "
                      f"| {r['flagged']:.2f} % | {r['detected']:.2f} % |")

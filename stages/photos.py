@@ -16,6 +16,14 @@ what a photo can suffer on top, each alone or together:
 - exif: stored sideways, with the EXIF orientation that turns it upright, as phones do;
 - edge: the sheet does not fill the frame: the desk, darker, shows along one side.
 
+STYLES are how the digit is written and where, one at a time, on the same layout:
+
+- pen1, pen2, pen3: a pen's line, 1-2, 2-3 or 3-4 % of the digit's height wide (MNIST's
+  strokes are 10-15 %): the digit's centre line (Zhang-Suen thinning) drawn again;
+- pencil: a line 2-4 % wide, light grey (50-80 grey levels below the paper), grainy;
+- desk: a small light note on a dark desk, the note a fifth of the frame or less;
+- board: a light, chalky digit on a dark blackboard hung on a light wall.
+
 The same seed gives the same photo; the layout (sheet, colours, place) comes from the
 seed alone, so one digit under each degradation lies at the same place on the same
 sheet, and only the degradation differs.
@@ -41,6 +49,16 @@ DEGRADATIONS = {  # what a photo can suffer, in a few words
     "exif": "stored sideways, with an EXIF orientation",
     "edge": "the sheet's edge: the desk along one side",
 }
+STYLES = {  # how and where the digit is written
+    "pen1": "a pen: strokes 1–2 % of the digit's height",
+    "pen2": "a pen: strokes 2–3 % of the digit's height",
+    "pen3": "a pen: strokes 3–4 % of the digit's height",
+    "pencil": "pencil: strokes 2–4 %, 50–80 grey levels light",
+    "desk": "a small note on a dark desk",
+    "board": "a light digit on a blackboard, on a light wall",
+}
+PEN_WIDTHS = {"pen1": (0.01, 0.02), "pen2": (0.02, 0.03), "pen3": (0.03, 0.04),
+              "pencil": (0.02, 0.04)}  # the line's width, as a share of the digit's height
 MAX_SHADOW = 80    # grey levels the paper loses, at most, to uneven light
 SIDE = 480         # the frame's shorter side, in pixels; the longer is 4/3 of it
 ROTATIONS = {6: 1, 8: 3, 3: 2}  # EXIF orientation: quarter turns (np.rot90) of the stored pixels
@@ -54,7 +72,7 @@ NON_DIGITS = {  # photographed non-digits
 
 def _seeded(seed: list[int], part: str) -> np.random.Generator:
     """A generator for one PART of a photo (the layout, or one degradation)."""
-    return np.random.default_rng([*seed, 1 + (["layout", *DEGRADATIONS].index(part))])
+    return np.random.default_rng([*seed, 1 + (["layout", *DEGRADATIONS, *STYLES].index(part))])
 
 
 def _grid(frame: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -139,21 +157,121 @@ def _light(frame: tuple[int, int], paper: float, rng: np.random.Generator) -> np
     return 1 - darkening / paper
 
 
-def photograph(ink: np.ndarray, seed: list[int], degradations: frozenset[str] | set[str] = frozenset()
-               ) -> bytes:
+def _thinned(mask: np.ndarray) -> np.ndarray:
+    """MASK's centre line, one pixel wide (Zhang & Suen, 1984)."""
+    img = np.pad(mask.astype(np.uint8), 1)
+    changed = True
+    while changed:
+        changed = False
+        for step in (0, 1):
+            c = img[1:-1, 1:-1]
+            p2, p3, p4, p5 = img[:-2, 1:-1], img[:-2, 2:], img[1:-1, 2:], img[2:, 2:]
+            p6, p7, p8, p9 = img[2:, 1:-1], img[2:, :-2], img[1:-1, :-2], img[:-2, :-2]
+            ring = [p2, p3, p4, p5, p6, p7, p8, p9, p2]
+            count = sum(ring[:8])
+            turns = sum((ring[i] == 0) & (ring[i + 1] == 1) for i in range(8))
+            if step == 0:
+                side = (p2 * p4 * p6 == 0) & (p4 * p6 * p8 == 0)
+            else:
+                side = (p2 * p4 * p8 == 0) & (p2 * p6 * p8 == 0)
+            remove = (c == 1) & (count >= 2) & (count <= 6) & (turns == 1) & side
+            if remove.any():
+                c[remove] = 0
+                changed = True
+    return img[1:-1, 1:-1].astype(bool)
+
+
+def restroked(ink: np.ndarray, share: float) -> np.ndarray:
+    """Ink coverage (0-1) of INK (coverage, 28×28) written again along its centre line
+    with a line SHARE of the digit's height wide, on a canvas 32 times the size."""
+    up = 4  # the centre line is found at 4 times the size, drawn at 8 times that
+    big = Image.fromarray(ink.astype(np.float32), "F").resize(
+        (ink.shape[1] * up, ink.shape[0] * up), Image.Resampling.BICUBIC)
+    mask = np.asarray(big) > 0.5
+    line = _thinned(mask)
+    scale = 8
+    rows = np.flatnonzero(mask.any(axis=1))
+    width = max(1.0, share * (rows[-1] - rows[0] + 1) * scale) if len(rows) else 1.0
+    canvas = Image.new("L", (mask.shape[1] * scale, mask.shape[0] * scale), 0)
+    draw = ImageDraw.Draw(canvas)
+    ys, xs = np.nonzero(line)
+    points = set(zip(ys.tolist(), xs.tolist()))
+    r = width / 2
+
+    def at(y: int, x: int) -> tuple[float, float]:
+        return (x + 0.5) * scale, (y + 0.5) * scale
+
+    for y, x in points:
+        cx, cy = at(y, x)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+            if (y + dy, x + dx) in points:
+                draw.line((at(y, x), at(y + dy, x + dx)), fill=255, width=max(1, round(width)))
+    return np.asarray(canvas, np.float32) / 255
+
+
+def _around(box: tuple[int, int, int, int], frame: tuple[int, int], margin: float,
+            inset: float) -> tuple[int, int, int, int]:
+    """BOX grown by MARGIN times its height on each side, inside FRAME less INSET of
+    its shorter side (but never cutting into BOX)."""
+    top, left, bottom, right = box
+    grow = round(margin * (bottom - top))
+    edge = round(inset * min(frame))
+    return (max(min(top, edge), top - grow), max(min(left, edge), left - grow),
+            min(max(bottom, frame[0] - edge), bottom + grow),
+            min(max(right, frame[1] - edge), right + grow))
+
+
+def _written(ink: np.ndarray, seed: list[int], style: str | None,
+             frame: tuple[int, int], paper: float, pen: float, height: float,
+             layout: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int], float]:
+    """The sheet (or the scene) in STYLE, before the ink: its grey levels, the ink's
+    coverage, the box the ink lies in, and the ink's grey level."""
+    r = _seeded(seed, style) if style else None
+    if style in PEN_WIDTHS:
+        ink = restroked(ink, r.uniform(*PEN_WIDTHS[style]))
+    cover, box = _placed(ink, frame, height, layout)
+    if style == "pencil":
+        pen = paper - r.uniform(50, 80)
+        cover = cover * r.uniform(0.6, 1.0, frame).astype(np.float32)  # graphite's grain
+    grey = np.full(frame, paper, np.float32)
+    if style == "desk":
+        top, left, bottom, right = _around(box, frame, r.uniform(0.25, 0.6), 0.0)
+        note = np.zeros(frame, bool)
+        note[top:bottom, left:right] = True
+        grey[~note] = r.uniform(25, 90)
+    if style == "board":
+        top, left, bottom, right = _around(box, frame, r.uniform(0.6, 1.5), r.uniform(0.05, 0.12))
+        wall, board = r.uniform(170, 230), r.uniform(30, 80)
+        grey[:] = wall
+        grey[top:bottom, left:right] = board
+        pen = r.uniform(170, 235)  # chalk
+        cover = cover * r.uniform(0.6, 1.0, frame).astype(np.float32)  # chalk's grain
+    return grey, cover, box, pen
+
+
+def photograph(ink: np.ndarray, seed: list[int], degradations: frozenset[str] | set[str] = frozenset(),
+               style: str | None = None) -> bytes:
     """The file (JPEG or PNG bytes) of a photo of INK (coverage 0-1, any size; all zeros
-    for a blank sheet) written on a sheet, with DEGRADATIONS, from SEED."""
+    for a blank sheet) written on a sheet, with DEGRADATIONS, from SEED; written in
+    STYLE (None: as the digit is, dark on the sheet)."""
     unknown = set(degradations) - set(DEGRADATIONS)
     if unknown:
         raise ValueError(f"unknown degradations: {sorted(unknown)}")
+    if style is not None and style not in STYLES:
+        raise ValueError(f"unknown style: {style}")
     rng = _seeded(seed, "layout")
     frame = (SIDE, SIDE * 4 // 3) if rng.random() < 0.5 else (SIDE * 4 // 3, SIDE)
     paper, pen = rng.uniform(200, 245), rng.uniform(15, 70)
     tint = rng.uniform(0.9, 1.0, 3)  # warm light: less blue
     tint[0] = 1.0
     height = rng.uniform(0.4, 0.6)
-    cover, box = _placed(ink, frame, 0.25 if "small" in degradations else height, rng)
-    grey = np.full(frame, paper, np.float32)
+    if "small" in degradations:
+        height = 0.25
+    elif style in ("desk", "board"):
+        height = 0.3
+    grey, cover, box, pen = _written(ink, seed, style, frame, paper, pen, height, rng)
     if "ruled" in degradations:
         r = _seeded(seed, "ruled")
         grey -= _lines(frame, r) * (paper - r.uniform(140, 190))  # printed, lighter than ink

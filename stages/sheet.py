@@ -5,20 +5,25 @@ the digit check's calibration alike. The image steps are OpenCV's (its headless
 build), one call each into compiled code. docs/use.md#photos-of-a-digit-on-paper has
 them in words:
 
-1. Paper up: inverted if its border and most of it are dark, so that the paper is
-   light.
+1. Paper up: light where the border and most of the image are, unless, on a copy
+   about POLARITY pixels a side, the other way up finds strokes that lie on a patch
+   that this way finds (a light note on a dark desk, a dark board on a light wall),
+   or this way finds no ink at all.
 2. The paper's own level at each pixel: a morphological closing (a max, then a min,
    over a square CLOSING of the shorter side) of a copy reduced to about COARSE pixels
    a side, enlarged again; nowhere darker than FLOOR of its lightest level.
 3. Ink: how much darker than its paper a pixel is, as a share of the paper's level.
-   Nothing MIN_CONTRAST grey levels darker: blank.
+   Nothing MIN_CONTRAST grey levels darker: blank, unless a thin line (a pen's or a
+   pencil's, which the smoothing fades) is, and half that over LONG of the image.
 4. Ruled paper: LINES or more thin lines across the sheet are taken out of what the
    thresholds see.
-5. The digit: Otsu's threshold marks sure ink, a lower one above the noise the rest
-   (hysteresis); pieces along half a side or more (the sheet's edge) are dropped;
-   the piece with the most ink, and the pieces near it with a share of its ink, are
-   the digit.
-6. As MNIST's digits were made: cropped to the ink, the longer side scaled to 20
+5. The digit: Otsu's threshold marks sure ink, a lower one above the paper's noise the
+   rest (hysteresis); pieces along half a side or more (the sheet's edge) are dropped,
+   unless along one side only, across half the image and thin (a cropped 7's bar);
+   ink within JOIN stroke widths is one piece; the piece with the most ink, and the
+   pieces near it with a share of its ink, are the digit.
+6. Strokes thinner than MNIST's (STROKE of the digit's height) are widened to it.
+7. As MNIST's digits were made: cropped to the ink, the longer side scaled to 20
    pixels (Lanczos), placed in a 28×28 frame with its centre of mass at (14, 14).
 """
 
@@ -66,20 +71,34 @@ WANDER = 7         # pixels across that a slanted line may wander over and still
 NOISE_SIGMAS = 4   # the lower threshold is at least this many noise σ above the paper
 NEAR = 1 / 2       # a second piece of the digit lies within this share of the first's size
 SHARE = 0.005      # and holds at least this share of its ink
-ALONG = 1 / 2      # a piece along this share of a side, or more, is the sheet's edge
+ALONG = 1 / 2      # a piece along this share of a side, or more, is the sheet's edge,
+THIN_STROKE = 0.15  # unless along one side only, across half the image, and this thin
+                    # (the radius of the largest disc inside it over its longer side)
 EDGE_WEIGHT = 0.3  # a piece touching the image's edge counts this much of its ink
 SAMPLE = 128       # pixels a side, at least, that medians are taken over
+STROKE = 0.11      # MNIST's stroke width, as a share of the digit's height (its median)
+JOIN = 1.5         # ink within this many stroke widths of other ink is one piece with it,
+JOIN_MAX = 1 / 100  # but no farther than this share of the shorter side (a ruled line's
+                    # remnant stays apart from a thick digit)
+POLARITY = 256     # pixels a side, about, of the copy that paper and ink are told on
+PATCH = 0.15       # ink this thick for its size (the radius of the largest disc inside it
+                   # over its longer side) may be a patch: a note, a board
+RING = 13          # pixels across the ring around strokes (less the 2 next to them)
+ON = 1 / 2         # the strokes lie on a patch where it is this share of their ring
 BLUR = 1 / 480     # σ of the smoothing that thresholds see, as a share of the shorter side
+FINE = 0.7         # σ (pixels) of the smoothing where that one leaves no ink: a thin line
+LONG = 1 / 10      # is ink there if it runs over this share of the shorter side
 
 
-def paper_level(paper: np.ndarray) -> np.ndarray:
+def paper_level(paper: np.ndarray, closing: float = CLOSING) -> np.ndarray:
     """The paper's grey level at each pixel of PAPER (light paper, dark ink): the closing
-    of a reduced copy, enlarged again (bilinear)."""
+    (over a square CLOSING of the shorter side) of a reduced copy, enlarged again
+    (bilinear)."""
     rows, cols = paper.shape
     factor = max(1, min(rows, cols) // COARSE)
     small = cv2.resize(paper, (-(-cols // factor), -(-rows // factor)),
                        interpolation=cv2.INTER_AREA) if factor > 1 else paper
-    k = 2 * round(min(small.shape) * CLOSING / 2) + 1
+    k = 2 * round(min(small.shape) * closing / 2) + 1
     closed = cv2.morphologyEx(small, cv2.MORPH_CLOSE, np.ones((k, k), np.uint8))
     # a patch of ink wider than the square is not paper: no shadow is that dark
     closed = np.maximum(closed, FLOOR * closed.max())
@@ -139,9 +158,15 @@ class Pieces:
     edge: np.ndarray
 
     @classmethod
-    def of(cls, ink: np.ndarray, mask: np.ndarray) -> Pieces:
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
-                                                                   connectivity=8)
+    def of(cls, ink: np.ndarray, mask: np.ndarray, join: int = 0) -> Pieces:
+        """The pieces of MASK; with JOIN, ink within JOIN pixels of other ink joins its
+        piece."""
+        mask = mask.astype(np.uint8)
+        joined = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (join, join))) \
+            if join > 1 else mask
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(joined, connectivity=8)
+        if join > 1:
+            labels = labels * mask
         x, y, w, h = (stats[:, i] for i in range(4))
         rows, cols = mask.shape
         edge = (x == 0) | (y == 0) | (x + w == cols) | (y + h == rows)
@@ -154,17 +179,135 @@ class Pieces:
         edge and the desk beyond it, a shadow at the border (a digit that runs into the
         side touches it with a stroke's end)."""
         sides = (self.labels[0], self.labels[-1], self.labels[:, 0], self.labels[:, -1])
-        along = np.max([np.bincount(side, minlength=len(self.mass)) / len(side)
-                        for side in sides], axis=0)
-        along[0] = 0  # the paper
-        return along >= ALONG
+        along = np.array([np.bincount(side, minlength=len(self.mass)) / len(side)
+                          for side in sides]) >= ALONG
+        along[:, 0] = False  # the paper
+        rows, cols = self.labels.shape
+        # how far each piece reaches in from the top, bottom, left and right sides
+        reach = np.array([(self.y + self.h) / rows, (rows - self.y) / rows,
+                          (self.x + self.w) / cols, (cols - self.x) / cols])
+        # along one side only and across half the image: a digit's stroke (a tightly
+        # cropped 7's bar), not the sheet's edge
+        stroke = (along.sum(axis=0) == 1) & (np.where(along, reach, 0).max(axis=0) >= ALONG)
+        for label in np.flatnonzero(stroke):  # and thin for its size: not a desk
+            box = (slice(self.y[label], self.y[label] + self.h[label]),
+                   slice(self.x[label], self.x[label] + self.w[label]))
+            piece = np.pad((self.labels[box] == label).astype(np.uint8), 1)
+            radius = float(cv2.distanceTransform(piece, cv2.DIST_L2, 3).max())
+            stroke[label] = radius < THIN_STROKE * max(self.w[label], self.h[label])
+        return along.any(axis=0) & ~stroke
+
+
+def stroke_width(mask: np.ndarray) -> float:
+    """The typical width of MASK's strokes, in pixels: twice the distance from their
+    centre line (the ridge of the distance transform) to the nearest pixel outside."""
+    if not mask.any():
+        return 1.0
+    dt = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+    ridge = (dt > 0) & (dt >= cv2.dilate(dt, np.ones((3, 3), np.uint8)))
+    return max(1.0, 2 * float(np.median(dt[ridge])) - 1)
+
+
+def widened(digit: np.ndarray) -> np.ndarray:
+    """DIGIT (0-255, white on black) with strokes thinner than MNIST's (STROKE of its
+    height) widened to them: a grey dilation by the difference. A pen's line 1-4 % of
+    the height would otherwise shrink to a faint trace a pixel wide in 20 pixels."""
+    rows = np.flatnonzero(digit.any(axis=1))
+    cols = np.flatnonzero(digit.any(axis=0))
+    height = rows[-1] - rows[0] + 1
+    grow = round(STROKE * height - stroke_width(digit >= 128))
+    if grow < 2:
+        return digit
+    pad = grow
+    top, left = max(0, rows[0] - pad), max(0, cols[0] - pad)
+    part = digit[top:rows[-1] + 1 + pad, left:cols[-1] + 1 + pad]
+    out = np.zeros_like(digit)
+    out[top:top + part.shape[0], left:left + part.shape[1]] = cv2.dilate(
+        part, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (grow | 1, grow | 1)))
+    return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The main piece of ink on a small copy of the image, one way up: a mask of it,
+    and how thick it is for its size: the radius of the largest disc inside it (a
+    patch's), or half its stroke width (strokes'), over its longer side."""
+
+    mask: np.ndarray
+    thickness: float
+    edge: bool  # it touches the image's edge
+
+    @classmethod
+    def of(cls, paper: np.ndarray, closing: float, patch: bool) -> Candidate | None:
+        """The main piece of ink in PAPER (light paper, dark ink) on the paper level of a
+        CLOSING, the sheet's edge too for a PATCH; None: no ink."""
+        level = paper_level(paper, closing)
+        darker = np.clip(level - paper, 0, None)
+        top = float(darker.max())
+        if top < MIN_CONTRAST:
+            return None
+        p = Pieces.of(darker, darker > max(otsu(darker, top), CROP_LEVEL / 255 * top))
+        if patch:  # a note may reach the image's edge
+            inside = np.ones(len(p.mass), bool)
+        else:  # writing clear of the edge first, as a strip of desk is not
+            inside = ~p.frame_like()
+            clear = inside & ~p.edge
+            clear[0] = False
+            inside = clear if clear.any() else inside
+        inside[0] = False
+        if not inside.any():
+            return None
+        main = int(np.argmax(np.where(inside, p.mass, 0)))
+        mask = (p.labels == main).astype(np.uint8)
+        if patch:
+            radius = float(cv2.distanceTransform(np.pad(mask, 1), cv2.DIST_L2, 3).max())
+        else:  # a blot where strokes meet does not make them thick
+            radius = stroke_width(mask) / 2
+        return cls(mask.astype(bool), radius / max(p.w[main], p.h[main]), bool(p.edge[main]))
+
+
+def light_paper(grey: np.ndarray) -> bool:
+    """Whether the paper is light (dark ink) in GREY, told from the ink and what lies
+    around it. Light where the border and most of the image are (a desk along a
+    sheet's border, a scribble over most of the paper leave it light), unless the other
+    way up finds strokes that lie on what this way finds as a patch of ink (a light
+    note on a dark desk, a dark board on a light wall), or this way finds none."""
+    step = max(1, min(grey.shape) // SAMPLE)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    light = bool(np.median(border) >= 128 or np.median(grey[::step, ::step]) >= 128)
+    factor = max(1, min(grey.shape) // POLARITY)
+    small = cv2.resize(grey, (-(-grey.shape[1] // factor), -(-grey.shape[0] // factor)),
+                       interpolation=cv2.INTER_AREA) if factor > 1 else grey
+    # the patch: darker than the lightest paper anywhere; the strokes: than their paper
+    other = 255 - small if light else small
+    patch = Candidate.of(small if light else 255 - small, 1.0, patch=True)
+    strokes = Candidate.of(other, CLOSING, patch=False)
+    if strokes is None or strokes.thickness >= THIN_STROKE or strokes.edge:
+        return light  # (paper between ruled lines runs to the edge)
+    if patch is None:
+        return not light
+    # what lies around the strokes: mostly the patch (a note's paper, the board), and
+    # lighter than they are; not the same paper (that a bold digit's bend holds)
+    near = strokes.mask.astype(np.uint8)
+    ring = cv2.dilate(near, np.ones((RING, RING), np.uint8)) \
+        > cv2.dilate(near, np.ones((5, 5), np.uint8))
+    if not ring.any():  # strokes all over the copy
+        return light
+    contrast = np.median(other[ring]) - np.median(other[strokes.mask])
+    rows, cols = np.nonzero(strokes.mask)
+    box = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
+    if (patch.thickness >= PATCH and patch.mask[ring].mean() >= ON and contrast >= MIN_CONTRAST
+            and patch.mask.sum() >= 2 * box):
+        return not light
+    return light
 
 
 def digit_pieces(ink: np.ndarray, sure: np.ndarray, low: float) -> np.ndarray:
     """A mask of the digit: of the pieces of INK over LOW that hold SURE ink, the one
     with the most ink (one along the edge counts for less), and those near it that hold
     a share of its ink."""
-    p = Pieces.of(ink, ink > low)
+    width = stroke_width(sure)
+    p = Pieces.of(ink, ink > low, join=round(min(JOIN * width, JOIN_MAX * min(ink.shape))) | 1)
     seeded = np.zeros(len(p.mass), bool)
     seeded[np.unique(p.labels[sure])] = True
     seeded[0] = False  # the paper
@@ -183,22 +326,26 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     """A 28×28 uint8 digit, white ink on black, from grey levels of any size."""
     grey = np.asarray(grey, np.float32)
     step = max(1, min(grey.shape) // SAMPLE)  # medians of a sample of pixels are as good
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    # light on dark only where the border and most of the image are dark: a desk along
-    # the border of a sheet, or a scribble over most of the paper, leave the paper light
-    light = np.median(border) >= 128 or np.median(grey[::step, ::step]) >= 128
-    paper = grey if light else 255 - grey
+    paper = grey if light_paper(grey) else 255 - grey
     level = paper_level(paper)
     darker = np.clip(level - paper, 0, None)
     sigma = min(paper.shape) * BLUR
     smooth = cv2.GaussianBlur(darker, (0, 0), sigma) if sigma >= 0.5 else darker
-    if smooth.max() < MIN_CONTRAST:
-        raise StageError("no ink: the image is blank or nearly so")
+    if smooth.max() < MIN_CONTRAST:  # blank, or a line too thin for the smoothing
+        smooth = cv2.GaussianBlur(darker, (0, 0), FINE)
+        p = Pieces.of(smooth, smooth >= MIN_CONTRAST / 2)  # a grainy line holds together
+        strong = np.unique(p.labels[smooth >= MIN_CONTRAST])
+        strong = strong[strong > 0]
+        if not (np.maximum(p.w, p.h)[strong] >= LONG * min(grey.shape)).any():
+            raise StageError("no ink: the image is blank or nearly so")
     ink, smooth = darker / level, smooth / level  # shares of the paper's level
     lines = ruled_lines(smooth)
     if lines is not None:  # out of what the thresholds see; the digit keeps its own ink
         smooth = np.clip(smooth - lines, 0, None)
     sample = smooth[::step, ::step]
+    paper_side = sample <= otsu(sample, float(sample.max())) if sample.max() > 0 else None
+    if paper_side is not None and paper_side.any():  # not a desk or a wall beyond it
+        sample = sample[paper_side]
     spread = np.median(np.abs(sample - np.median(sample)))  # the paper's noise, robustly
     noise = NOISE_SIGMAS * 1.4826 * float(spread)
     faint = smooth > max(CROP_LEVEL / 255 * float(smooth.max()), noise)
@@ -216,7 +363,7 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     digit[digit < CROP_LEVEL] = 0
     if not digit.any():
         raise StageError("no ink: the image is blank or nearly so")
-    return framed(digit)
+    return framed(widened(digit))
 
 
 def framed(ink: np.ndarray) -> np.ndarray:

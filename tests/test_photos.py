@@ -13,7 +13,9 @@ from PIL import Image, ImageOps
 
 from stages.calibrate import Reader, photo_set, read_files
 from stages.common import StageError
-from stages.photos import DEGRADATIONS, NON_DIGITS, non_digit_photos, photograph
+from stages.photos import (DEGRADATIONS, NON_DIGITS, STYLES, non_digit_photos, photograph,
+                           restroked)
+from stages.sheet import stroke_width
 from stages.predict import load_model, read_digit
 
 SETS = [*DEGRADATIONS, "all"]
@@ -39,6 +41,31 @@ def test_photos_are_the_same_for_a_seed_and_share_their_sheet():
     assert 0 <= (clean - shaded).max() <= 81 and np.argmin(clean) == np.argmin(shaded)
     with pytest.raises(ValueError, match="unknown degradations"):
         photograph(ink, [1], {"rain"})
+
+
+def test_a_style_keeps_the_layout_and_writes_the_digit_its_way():
+    ink = np.zeros((28, 28))
+    ink[6:22, 11:17] = 1
+    grey = {style: np.asarray(Image.open(io.BytesIO(photograph(ink, [1, 2], style=style)))
+                              .convert("L"), float) for style in [None, *STYLES]}
+    assert all(g.shape == grey[None].shape for g in grey.values())
+    assert photograph(ink, [1, 2], style="desk") == photograph(ink, [1, 2], style="desk")
+    # a desk darker than the note, most of the frame; a board darker than its wall
+    assert np.median(grey["desk"]) < 128 < grey["desk"].max()
+    assert grey["board"][0, 0] > 128 > np.median(grey["board"][grey["board"] < 128])
+    with pytest.raises(ValueError, match="unknown style"):
+        photograph(ink, [1], style="crayon")
+
+
+@pytest.mark.parametrize("share", [0.015, 0.025, 0.035, 0.1])
+def test_a_digit_written_again_has_the_line_width_asked_for(mnist, share):
+    """The centre line drawn again: its width is SHARE of the digit's height, as the
+    preprocessing measures stroke widths (within a quarter, and the round ends)."""
+    for digit in mnist["test"][0][:5].numpy():
+        cover = restroked(digit / 255, share) >= 0.5
+        rows = np.flatnonzero(cover.any(axis=1))
+        height = rows[-1] - rows[0] + 1
+        assert abs(stroke_width(cover) - share * height) <= 2 + 0.25 * share * height
 
 
 def test_a_photo_stored_sideways_is_turned_upright():
@@ -87,14 +114,17 @@ def clean_sheets(mnist, reader):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the first may wait for the session's model and check
-@pytest.mark.parametrize("name", SETS)
+@pytest.mark.parametrize("name", [*SETS, *STYLES])
 def test_photographed_digits_are_read_as_well_as_clean_ones(mnist, reader, mnist_check,
                                                             clean_sheets, name):
-    """The model reads photos of test digits as well as the same digits on a clean sheet,
-    and the check flags few of them."""
+    """The model reads photos of test digits, under each degradation and written in
+    each style (a pen, pencil, a note on a desk, a blackboard), as well as the same
+    digits on a clean sheet, and the check flags few of them."""
     images, labels = mnist["test"][0][-N_READ:], mnist["test"][1][-N_READ:]
     check, clean = mnist_check[1].check, clean_sheets
-    photos = reader.files(photo_set(images, SEED, degradations(name)), labels)
+    style = name if name in STYLES else None
+    photos = reader.files(photo_set(images, SEED, frozenset() if style else degradations(name),
+                                    style), labels)
     flagged = int((check.scores(photos.feats) > check.threshold).sum())
     print(f"{name}: read right {photos.correct} of {N_READ} (clean sheet {clean.correct}), "
           f"refused {photos.refused}, flagged {flagged}")
