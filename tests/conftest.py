@@ -6,11 +6,11 @@ Nothing here touches the network: the mirror is a temp folder of small, random
 IDX files, and stages.download.FILES is patched to expect their md5s; the SSH server
 listens on 127.0.0.1 (tests/ssh_server.py).
 
-Under xdist (`make test` runs `pytest -n 2 --dist loadgroup`), each worker runs the
-session fixtures itself. The costly ones (the trained model and its digit check) are
-made once per run, by the first worker that needs them, and read by the others
-(`made_once`). Tests that share a module-scoped fixture go to one worker together
-(`pytest_collection_modifyitems`), so that no module fixture is built twice.
+`make test` spreads the test files over two pytest-xdist workers (`pytest -n 2 --dist
+loadfile`: a file's tests run in one worker, so that no module-scoped fixture is built
+twice). Each worker runs the session fixtures itself; the costly ones (the trained model
+and its digit check) are made once per run, by the first worker that needs them, and
+read by the others (`made_once`).
 """
 
 from __future__ import annotations
@@ -75,44 +75,13 @@ def sshd(tmp_path_factory) -> ssh_server.SshServer:
 WAITS_FOR_MODEL = 900
 
 
-def module_fixtures(item: pytest.Item) -> list[str]:
-    """The module- or class-scoped fixtures that ITEM uses, directly or through others."""
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return []
-    return sorted(name for name, defs in info.name2fixturedefs.items()
-                  if defs and defs[-1].scope in ("module", "class"))
-
-
-def sharing_groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
-    """The tests that share a module-scoped fixture, directly or through other tests of
-    their file, by group: `FILE:FIXTURE`, after one of the fixtures they share."""
-    parent: dict[tuple, tuple] = {}
-
-    def root(key: tuple) -> tuple:
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
-    used = {item: [(item.path.name, name) for name in module_fixtures(item)] for item in items}
-    for keys in used.values():
-        for key in keys[1:]:
-            parent[root(key)] = root(keys[0])
-    return {item: ":".join(root(keys[0])) for item, keys in used.items() if keys}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` run only where torch sees a GPU. Tests that share module-scoped
-    fixtures form one xdist group, so that one worker builds them, unless marked with a
-    group of their own; a test that uses the session's model has time to wait for it."""
+    """Tests marked `cuda` run only where torch sees a GPU; a test that uses the session's
+    model has time to wait for it, while another worker trains it."""
     skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
-    groups = sharing_groups(items)
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
-        if item in groups and item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(groups[item]))
         if "mnist_model" in item.fixturenames and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(WAITS_FOR_MODEL))
 

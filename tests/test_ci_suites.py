@@ -82,8 +82,9 @@ ANYWHERE = {"test_ssh_that_runs": "passed", "test_ssh_expected_to_fail": "skippe
             "test_cuda_skipped": "skipped", "test_other_skipped": "skipped"}
 
 
-# as `make test` runs them: two workers, the generated tests spread over both
-XDIST = ("-n", "2", "--dist", "loadgroup")
+# two workers, the generated tests spread over both (`make test` sends each file
+# to one worker: --dist loadfile)
+XDIST = ("-n", "2", "--dist", "load")
 
 
 @pytest.mark.parametrize("ci, args", [(None, ()), ("", ()), ("false", ()), (None, XDIST)])
