@@ -10,26 +10,22 @@ listens on 127.0.0.1 (tests/ssh_server.py).
 loadfile`: a file's tests run in one worker, so that no module-scoped fixture is built
 twice). Each worker runs the session fixtures itself; the costly ones (the trained model
 and its digit check) are made once per run, by the first worker that needs them, and
-read by the others (`made_once`).
+read by the others (`helpers.made_once`).
 """
 
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from filelock import FileLock
 
 import ssh_server
 from ci_suites import pytest_runtest_makereport  # noqa: F401 - a hook: CI fails skipped suites
-from helpers import Mirror, idx_bytes, md5, raw_arrays, write_raw_dir
+from helpers import Mirror, idx_bytes, made_once, md5, raw_arrays, write_raw_dir
 
 # The tests' tensors are tiny: one thread is faster, and does not fight a training
 # run in the background for the cores.
@@ -84,25 +80,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
         if "mnist_model" in item.fixturenames and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(WAITS_FOR_MODEL))
-
-
-def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
-    """The folder NAME, filled by MAKE once per test run. Each xdist worker runs the
-    session fixtures itself; the first to get here makes the folder while the others wait
-    on its lock, then they read it. The workers' temp folders share a parent, which a
-    run without xdist does not have: there the folder is in the run's own."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
-    folder = base / name
-    with FileLock(f"{folder}.lock"):
-        if not folder.is_dir():
-            scratch = base / f"{name}.partial"  # a worker that failed half-way leaves it
-            shutil.rmtree(scratch, ignore_errors=True)
-            scratch.mkdir()
-            make(scratch)
-            scratch.rename(folder)
-    return folder
 
 
 # --- real MNIST digits and a briefly trained model, for predict, the digit check and

@@ -106,3 +106,50 @@ def test_in_ci_a_skipped_browser_or_ssh_test_fails_with_its_reason(tmp_path, ci,
                      "test_ssh_skipped_by_its_fixture": "error"}
     assert "the browser tests must run in CI" in browser and "no Chromium here" in browser
     assert "the ssh tests must run in CI" in ssh and "no sshd here" in ssh
+
+
+ONCE_CONFTEST = """\
+import os
+import time
+from pathlib import Path
+
+import pytest
+from helpers import made_once
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    def make(folder):
+        with open("made.log", "a") as log:
+            log.write(os.environ.get("PYTEST_XDIST_WORKER", "main") + "\\n")
+        time.sleep(1)  # long enough for the other worker to ask meanwhile
+        (folder / "value").write_text("42")
+    return made_once(tmp_path_factory, "shared", make)
+"""
+
+ONCE_TESTS = """\
+import os
+import pytest
+
+@pytest.mark.parametrize("i", range(6))
+def test_uses_it(shared, i):
+    with open("used.log", "a") as log:
+        log.write(os.environ.get("PYTEST_XDIST_WORKER", "main") + "\\n")
+    assert (shared / "value").read_text() == "42"
+"""
+
+
+@pytest.mark.parametrize("args", [(), XDIST])
+def test_made_once_makes_a_session_fixture_once_for_all_workers(tmp_path, args):
+    """tests/conftest.py trains the session's model through helpers.made_once: one
+    worker trains it, the other waits and reads it."""
+    (tmp_path / "conftest.py").write_text(ONCE_CONFTEST)
+    (tmp_path / "test_once.py").write_text(ONCE_TESTS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+                           *args, "test_once.py"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    made = (tmp_path / "made.log").read_text().split()
+    used = (tmp_path / "used.log").read_text().split()
+    assert len(made) == 1 and len(used) == 6
+    assert len(set(used)) == (2 if args else 1)  # with xdist, both workers used it
