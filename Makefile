@@ -57,7 +57,7 @@ repro: setup
 	dvc repro
 
 test: setup
-	python -m pytest -q
+	python -m pytest -q -n 2 --dist loadfile
 
 steps: setup
 	python -m experiments.steps commit --jobs $(JOBS)

@@ -1,13 +1,22 @@
-"""Fixtures: a folder of small IDX files, a local MNIST mirror, and an SSH server.
+"""Fixtures: a folder of small IDX files, a local MNIST mirror, an SSH server, and real
+MNIST digits with a briefly trained model; and how `make test` spreads the tests over
+pytest-xdist's workers.
 
 Nothing here touches the network: the mirror is a temp folder of small, random
 IDX files, and stages.download.FILES is patched to expect their md5s; the SSH server
 listens on 127.0.0.1 (tests/ssh_server.py).
+
+`make test` spreads the test files over two pytest-xdist workers (`pytest -n 2 --dist
+loadfile`: a file's tests run in one worker, so that no module-scoped fixture is built
+twice). Each worker runs the session fixtures itself; the costly ones (the trained model
+and its digit check) are made once per run, by the first worker that needs them, and
+read by the others (`helpers.made_once`).
 """
 
 from __future__ import annotations
 
 import gzip
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +25,7 @@ import torch
 
 import ssh_server
 from ci_suites import pytest_runtest_makereport  # noqa: F401 - a hook: CI fails skipped suites
-from helpers import Mirror, idx_bytes, md5, raw_arrays, write_raw_dir
+from helpers import Mirror, idx_bytes, made_once, md5, raw_arrays, write_raw_dir
 
 # The tests' tensors are tiny: one thread is faster, and does not fight a training
 # run in the background for the cores.
@@ -58,14 +67,19 @@ def sshd(tmp_path_factory) -> ssh_server.SshServer:
     server.stop()
 
 
+# a test that needs the session's model may wait for it, trained by another worker
+WAITS_FOR_MODEL = 900
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` run only where torch sees a GPU."""
-    if torch.cuda.is_available():
-        return
+    """Tests marked `cuda` run only where torch sees a GPU; a test that uses the session's
+    model has time to wait for it, while another worker trains it."""
     skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none here")
     for item in items:
-        if "cuda" in item.keywords:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+        if "mnist_model" in item.fixturenames and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(WAITS_FOR_MODEL))
 
 
 # --- real MNIST digits and a briefly trained model, for predict, the digit check and
@@ -83,18 +97,23 @@ def mnist(tmp_path_factory) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     if mirror is None:
         pytest.skip("needs the MNIST files: set MNIST_MIRROR to a folder of the four .gz "
                     "files (CI has them in ../shared/data/mnist)")
-    raw = tmp_path_factory.mktemp("mnist")
-    for gz in mirror.glob("*-ubyte.gz"):
-        gunzip_md5(gz, raw / gz.name.removesuffix(".gz"))
+
+    def unzip(raw: Path) -> None:
+        for gz in mirror.glob("*-ubyte.gz"):
+            gunzip_md5(gz, raw / gz.name.removesuffix(".gz"))
+
+    raw = made_once(tmp_path_factory, "mnist", unzip)
     return {split: read_split(raw, prefix) for split, prefix in SPLITS.items()}
 
 
 @pytest.fixture(scope="session")
 def mnist_model(mnist, tmp_path_factory) -> Path:
     """A checkpoint of the real Net, trained by train's own functions with params.yaml's
-    recipe for 2 epochs on 12,000 training digits (about 98 % on the test split)."""
+    recipe for 2 epochs on 12,000 training digits (about 98 % on the test split); the
+    one model of the whole run."""
     import dataclasses
 
+    from stages.common import save_torch
     from stages.data import to_device
     from stages.model import checkpoint
     from stages.params import load_params
@@ -104,19 +123,19 @@ def mnist_model(mnist, tmp_path_factory) -> Path:
 
     from helpers import REPO
 
-    images, labels = mnist["train"][0][:12000], mnist["train"][1][:12000]
-    stats = normalisation_stats(images)
-    p = dataclasses.replace(load_params(REPO / "params.yaml").train, epochs=2, device="cpu",
-                            compile="off", channels_last="off")
-    state = new_state(p, torch.device("cpu"), len(labels))
-    data = to_device(images, labels, stats["mean"], stats["std"], torch.device("cpu"))
-    for _ in range(p.epochs):
-        EagerRunner().train_epoch(state, data, p)
-    path = tmp_path_factory.mktemp("mnist_model") / "model.pt"
-    from stages.common import save_torch
+    def train(folder: Path) -> None:
+        images, labels = mnist["train"][0][:12000], mnist["train"][1][:12000]
+        stats = normalisation_stats(images)
+        p = dataclasses.replace(load_params(REPO / "params.yaml").train, epochs=2,
+                                device="cpu", compile="off", channels_last="off")
+        state = new_state(p, torch.device("cpu"), len(labels))
+        data = to_device(images, labels, stats["mean"], stats["std"], torch.device("cpu"))
+        for _ in range(p.epochs):
+            EagerRunner().train_epoch(state, data, p)
+        save_torch(folder / "model.pt",
+                   checkpoint(state.model, {"dropout": p.dropout}, normalisation=stats))
 
-    save_torch(path, checkpoint(state.model, {"dropout": p.dropout}, normalisation=stats))
-    return path
+    return made_once(tmp_path_factory, "mnist_model", train) / "model.pt"
 
 
 # params for a quick digit check: small counts, few steps
@@ -128,16 +147,19 @@ QUICK_CHECK = dict(false_flags=0.005, fitted=4000, held_out=2000, typed=400, per
 @pytest.fixture(scope="session")
 def mnist_check(mnist, mnist_model, tmp_path_factory):
     """The digit check for mnist_model, fitted by calibrate's own functions with
-    QUICK_CHECK; (its file, the Calibration)."""
+    QUICK_CHECK, once per run; (its file, the Calibration)."""
     from stages.calibrate import Reader, calibrate
     from stages.common import write_json
     from stages.ood import file_md5
     from stages.params import CalibrateParams
     from stages.predict import load_model
 
-    reader = Reader(*load_model(mnist_model))
-    calibration = calibrate(reader, mnist["train"], CalibrateParams(**QUICK_CHECK),
-                            file_md5(mnist_model))
-    path = tmp_path_factory.mktemp("mnist_check") / "ood.json"
-    write_json(path, calibration.check.to_json())
-    return path, calibration
+    def fit(folder: Path) -> None:
+        reader = Reader(*load_model(mnist_model))
+        calibration = calibrate(reader, mnist["train"], CalibrateParams(**QUICK_CHECK),
+                                file_md5(mnist_model))
+        write_json(folder / "ood.json", calibration.check.to_json())
+        (folder / "calibration.pickle").write_bytes(pickle.dumps(calibration))
+
+    folder = made_once(tmp_path_factory, "mnist_check", fit)
+    return folder / "ood.json", pickle.loads((folder / "calibration.pickle").read_bytes())

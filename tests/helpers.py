@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from scripts.page_screenshot import CHROMIUM
 
@@ -164,3 +167,22 @@ def needs_chromium(test):
     skip = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium for a real browser "
                               "(apt-get install chromium); CI installs it")
     return pytest.mark.browser(skip(test))
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder NAME, filled by MAKE once per test run. Each xdist worker runs the
+    session fixtures itself; the first to get here makes the folder while the others wait
+    on its lock, then they read it. The workers' temp folders share a parent, which a
+    run without xdist does not have: there the folder is in the run's own."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder = base / name
+    with FileLock(f"{folder}.lock"):
+        if not folder.is_dir():
+            scratch = base / f"{name}.partial"  # a worker that failed half-way leaves it
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir()
+            make(scratch)
+            scratch.rename(folder)
+    return folder

@@ -60,16 +60,35 @@ def modify(repo: Path, env: dict[str, str], key: str, value: object) -> None:
     sh("dvc", "remote", "modify", "--local", REMOTE, key, str(value), cwd=repo, env=env)
 
 
+def ssh_settings(server: SshServer, folder: Path, verify: bool) -> dict[str, str]:
+    """docs/sharing.md's SSH recipe as settings of the remote, in its order, as its
+    commands give them to DVC: the test server's address, user and key."""
+    settings = {"url": f"ssh://{server.host}{folder}", "user": server.user,
+                "port": str(server.port), "keyfile": str(server.keyfile)}
+    return {**settings, "verify": "true"} if verify else settings
+
+
+def run_ssh_recipe(repo: Path, env: dict[str, str], *, server: SshServer, folder: Path,
+                   verify: bool = True) -> None:
+    """docs/sharing.md's SSH recipe, command by command."""
+    url, *options = ssh_settings(server, folder, verify).items()
+    sh("dvc", "remote", "add", "--local", "-d", "-f", REMOTE, url[1], cwd=repo, env=env)
+    for key, value in options:
+        modify(repo, env, key, value)
+
+
 def add_ssh_remote(repo: Path, env: dict[str, str], *, server: SshServer, folder: Path,
                    verify: bool = True) -> None:
-    """docs/sharing.md's SSH recipe, with the test server's address, user and key."""
-    sh("dvc", "remote", "add", "--local", "-d", "-f", REMOTE,
-       f"ssh://{server.host}{folder}", cwd=repo, env=env)
-    settings = {"user": server.user, "port": server.port, "keyfile": server.keyfile}
-    for key, value in settings.items():
-        modify(repo, env, key, value)
-    if verify:
-        modify(repo, env, "verify", "true")
+    """What run_ssh_recipe's commands write into REPO's .dvc/config.local, written by the
+    same DVC config calls (`dvc remote add` and `dvc remote modify` edit the config
+    through dvc.config.Config.edit, which checks it against DVC's schema) in this process,
+    without five DVC start-ups; test_the_recipe_and_add_ssh_remote_write_the_same_config
+    shows that they agree. ENV is unused: no subprocess runs."""
+    from dvc.config import Config
+
+    with Config(dvc_dir=str(repo / ".dvc")).edit("local") as conf:
+        conf["remote"][REMOTE] = ssh_settings(server, folder, verify)
+        conf["core"]["remote"] = REMOTE
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -197,22 +216,50 @@ def test_a_sweep_split_over_two_clones_is_shared_over_ssh(sshd, tmp_path):
     assert objects(remote) and damaged(remote) == []
 
 
+def test_the_recipe_and_add_ssh_remote_write_the_same_config(sshd, tmp_path):
+    """The other tests set their clones up with add_ssh_remote; what they test is the
+    recipe."""
+    env = ssh_env(tmp_path, sshd)
+    init_repo(tmp_path / "new", env)
+    ways = {"recipe": (run_ssh_recipe, True), "api": (add_ssh_remote, True),
+            "api, no verify": (add_ssh_remote, False)}
+    written = {}
+    for name, (add, verify) in ways.items():  # each in its own copy of the new repo
+        repo = copy_clone(tmp_path / "new", tmp_path / name)
+        assert not (repo / ".dvc" / "config.local").exists()
+        add(repo, env, server=sshd, folder=tmp_path / "remote", verify=verify)
+        written[name] = (repo / ".dvc" / "config.local").read_text()
+    assert written["api"] == written["recipe"]
+    assert f"port = {sshd.port}" in written["api"] and "verify = true" in written["api"]
+    assert written["api, no verify"] == written["api"].replace("    verify = true\n", "")
+
+
 # --- host keys ----------------------------------------------------------------------------
 
-@pytest.fixture
-def small_repo(sshd, tmp_path) -> tuple[Path, dict[str, str]]:
-    """A repo with one small file in DVC, its SSH remote an empty folder, and a HOME
-    whose known_hosts trusts the server."""
-    env = ssh_env(tmp_path, sshd)
-    repo = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def small_template(sshd, tmp_path_factory) -> Path:
+    """A repo with one small file in DVC, set up (`make setup`) with an SSH remote."""
+    root = tmp_path_factory.mktemp("small")
+    env = ssh_env(root, sshd)
+    repo = root / "repo"
     init_repo(repo, env)
     (repo / "data.txt").write_text("data\n")
     sh("dvc", "add", "-q", "data.txt", cwd=repo, env=env)
     sh("git", "add", "-A", cwd=repo, env=env)
     sh("git", "commit", "-qm", "data", cwd=repo, env=env)
+    add_ssh_remote(repo, env, server=sshd, folder=root / "remote")
+    make("setup", repo, env)
+    return repo
+
+
+@pytest.fixture
+def small_repo(sshd, small_template, tmp_path) -> tuple[Path, dict[str, str]]:
+    """A copy of small_template whose SSH remote is an empty folder of its own, and a
+    HOME whose known_hosts trusts the server."""
+    env = ssh_env(tmp_path, sshd)
+    repo = copy_clone(small_template, tmp_path / "repo")
     (tmp_path / "remote").mkdir()
     add_ssh_remote(repo, env, server=sshd, folder=tmp_path / "remote")
-    make("setup", repo, env)
     return repo, env
 
 
