@@ -193,7 +193,8 @@ def test_the_check_is_as_deterministic_as_the_model(mnist, mnist_model, mnist_ch
     from stages.calibrate import calibrate
 
     p = CalibrateParams(**{**QUICK_CHECK, "fitted": 1000, "held_out": 500, "steps": 50,
-                           "photos": 50, "photo_others": 10})
+                           "photos": 50, "photo_others": 10, "typed": 50, "per_kind": 20,
+                           "drawn": 10, "photo_sets": 5})
     reader = Reader(*load_model(mnist_model))
     first, again = (calibrate(reader, mnist["train"], p, file_md5(mnist_model)).check.to_json()
                     for _ in range(2))
