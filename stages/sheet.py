@@ -302,6 +302,13 @@ def light_paper(grey: np.ndarray) -> bool:
     return light
 
 
+def paper_noise(sample: np.ndarray) -> float:
+    """The lower threshold above the paper's noise in SAMPLE: NOISE_SIGMAS σ, from the
+    median absolute deviation (robust to the ink in it)."""
+    spread = np.median(np.abs(sample - np.median(sample))) if sample.size else 0.0
+    return NOISE_SIGMAS * 1.4826 * float(spread)
+
+
 def digit_pieces(ink: np.ndarray, sure: np.ndarray, low: float) -> np.ndarray:
     """A mask of the digit: of the pieces of INK over LOW that hold SURE ink, the one
     with the most ink (one along the edge counts for less), and those near it that hold
@@ -331,7 +338,8 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     darker = np.clip(level - paper, 0, None)
     sigma = min(paper.shape) * BLUR
     smooth = cv2.GaussianBlur(darker, (0, 0), sigma) if sigma >= 0.5 else darker
-    if smooth.max() < MIN_CONTRAST:  # blank, or a line too thin for the smoothing
+    thin = bool(smooth.max() < MIN_CONTRAST)
+    if thin:  # blank, or a line too thin for the smoothing
         smooth = cv2.GaussianBlur(darker, (0, 0), FINE)
         p = Pieces.of(smooth, smooth >= MIN_CONTRAST / 2)  # a grainy line holds together
         strong = np.unique(p.labels[smooth >= MIN_CONTRAST])
@@ -343,16 +351,16 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     if lines is not None:  # out of what the thresholds see; the digit keeps its own ink
         smooth = np.clip(smooth - lines, 0, None)
     sample = smooth[::step, ::step]
-    paper_side = sample <= otsu(sample, float(sample.max())) if sample.max() > 0 else None
-    if paper_side is not None and paper_side.any():  # not a desk or a wall beyond it
-        sample = sample[paper_side]
-    spread = np.median(np.abs(sample - np.median(sample)))  # the paper's noise, robustly
-    noise = NOISE_SIGMAS * 1.4826 * float(spread)
+    # the paper's noise, from the whole sample; from the paper's side of Otsu's threshold
+    # only for a thin line that only the finer smoothing finds (a light pencil line)
+    noise = paper_noise(sample[sample <= otsu(sample, float(sample.max()))] if thin else sample)
     faint = smooth > max(CROP_LEVEL / 255 * float(smooth.max()), noise)
     frame = Pieces.of(smooth, faint)
     beyond = frame.frame_like()[frame.labels]
     if (faint & ~beyond).any():  # the sheet's edge, unless it is all there is
         smooth = np.where(beyond, 0, smooth)
+        if beyond.any():  # and the noise of the paper alone, not of the desk beyond it
+            noise = min(noise, paper_noise(sample[~beyond[::step, ::step]]))
     if (smooth * level).max() < MIN_CONTRAST:  # nothing but ruled lines
         raise StageError("no ink: the image is blank or nearly so")
     top = float(smooth.max())
