@@ -81,7 +81,7 @@ JOIN = 1.5         # ink within this many stroke widths of other ink is one piec
 JOIN_MAX = 1 / 100  # but no farther than this share of the shorter side (a ruled line's
                     # remnant stays apart from a thick digit)
 POLARITY = 256     # pixels a side, about, of the copy that paper and ink are told on
-PATCH = 0.15       # ink this thick for its size (the radius of the largest disc inside it
+PATCH = 0.2        # ink this thick for its size (the radius of the largest disc inside it
                    # over its longer side) may be a patch: a note, a board
 RING = 13          # pixels across the ring around strokes (less the 2 next to them)
 ON = 1 / 2         # the strokes lie on a patch where it is this share of their ring
