@@ -266,15 +266,20 @@ class Candidate:
         return cls(mask.astype(bool), radius / max(p.w[main], p.h[main]), bool(p.edge[main]))
 
 
+def light_around(grey: np.ndarray) -> bool:
+    """Whether the border or most of GREY is light."""
+    step = max(1, min(grey.shape) // SAMPLE)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    return bool(np.median(border) >= 128 or np.median(grey[::step, ::step]) >= 128)
+
+
 def light_paper(grey: np.ndarray) -> bool:
     """Whether the paper is light (dark ink) in GREY, told from the ink and what lies
     around it. Light where the border and most of the image are (a desk along a
     sheet's border, a scribble over most of the paper leave it light), unless the other
     way up finds strokes that lie on what this way finds as a patch of ink (a light
     note on a dark desk, a dark board on a light wall), or this way finds none."""
-    step = max(1, min(grey.shape) // SAMPLE)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    light = bool(np.median(border) >= 128 or np.median(grey[::step, ::step]) >= 128)
+    light = light_around(grey)
     factor = max(1, min(grey.shape) // POLARITY)
     small = cv2.resize(grey, (-(-grey.shape[1] // factor), -(-grey.shape[0] // factor)),
                        interpolation=cv2.INTER_AREA) if factor > 1 else grey
@@ -333,7 +338,11 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     """A 28×28 uint8 digit, white ink on black, from grey levels of any size."""
     grey = np.asarray(grey, np.float32)
     step = max(1, min(grey.shape) // SAMPLE)  # medians of a sample of pixels are as good
-    paper = grey if light_paper(grey) else 255 - grey
+    light = light_paper(grey)
+    # paper told from around the ink, against the border and most of the image: a desk
+    # or a wall beyond it
+    beyond_paper = light != light_around(grey)
+    paper = grey if light else 255 - grey
     level = paper_level(paper)
     darker = np.clip(level - paper, 0, None)
     sigma = min(paper.shape) * BLUR
@@ -352,15 +361,16 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
         smooth = np.clip(smooth - lines, 0, None)
     sample = smooth[::step, ::step]
     # the paper's noise, from the whole sample; from the paper's side of Otsu's threshold
-    # only for a thin line that only the finer smoothing finds (a light pencil line)
-    noise = paper_noise(sample[sample <= otsu(sample, float(sample.max()))] if thin else sample)
+    # only for a thin line that only the finer smoothing finds (a light pencil line), and
+    # where a desk or a wall lies beyond the paper
+    if (thin or beyond_paper) and sample.max() > 0:
+        sample = sample[sample <= otsu(sample, float(sample.max()))]
+    noise = paper_noise(sample)
     faint = smooth > max(CROP_LEVEL / 255 * float(smooth.max()), noise)
     frame = Pieces.of(smooth, faint)
     beyond = frame.frame_like()[frame.labels]
     if (faint & ~beyond).any():  # the sheet's edge, unless it is all there is
         smooth = np.where(beyond, 0, smooth)
-        if beyond.any():  # and the noise of the paper alone, not of the desk beyond it
-            noise = min(noise, paper_noise(sample[~beyond[::step, ::step]]))
     if (smooth * level).max() < MIN_CONTRAST:  # nothing but ruled lines
         raise StageError("no ink: the image is blank or nearly so")
     top = float(smooth.max())
