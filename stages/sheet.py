@@ -81,7 +81,7 @@ JOIN = 1.5         # ink within this many stroke widths of other ink is one piec
 JOIN_MAX = 1 / 100  # but no farther than this share of the shorter side (a ruled line's
                     # remnant stays apart from a thick digit)
 POLARITY = 256     # pixels a side, about, of the copy that paper and ink are told on
-PATCH = 0.15       # ink this thick for its size (the radius of the largest disc inside it
+PATCH = 0.2        # ink this thick for its size (the radius of the largest disc inside it
                    # over its longer side) may be a patch: a note, a board
 RING = 13          # pixels across the ring around strokes (less the 2 next to them)
 ON = 1 / 2         # the strokes lie on a patch where it is this share of their ring
@@ -266,15 +266,20 @@ class Candidate:
         return cls(mask.astype(bool), radius / max(p.w[main], p.h[main]), bool(p.edge[main]))
 
 
+def light_around(grey: np.ndarray) -> bool:
+    """Whether the border or most of GREY is light."""
+    step = max(1, min(grey.shape) // SAMPLE)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    return bool(np.median(border) >= 128 or np.median(grey[::step, ::step]) >= 128)
+
+
 def light_paper(grey: np.ndarray) -> bool:
     """Whether the paper is light (dark ink) in GREY, told from the ink and what lies
     around it. Light where the border and most of the image are (a desk along a
     sheet's border, a scribble over most of the paper leave it light), unless the other
     way up finds strokes that lie on what this way finds as a patch of ink (a light
     note on a dark desk, a dark board on a light wall), or this way finds none."""
-    step = max(1, min(grey.shape) // SAMPLE)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    light = bool(np.median(border) >= 128 or np.median(grey[::step, ::step]) >= 128)
+    light = light_around(grey)
     factor = max(1, min(grey.shape) // POLARITY)
     small = cv2.resize(grey, (-(-grey.shape[1] // factor), -(-grey.shape[0] // factor)),
                        interpolation=cv2.INTER_AREA) if factor > 1 else grey
@@ -302,6 +307,13 @@ def light_paper(grey: np.ndarray) -> bool:
     return light
 
 
+def paper_noise(sample: np.ndarray) -> float:
+    """The lower threshold above the paper's noise in SAMPLE: NOISE_SIGMAS σ, from the
+    median absolute deviation (robust to the ink in it)."""
+    spread = np.median(np.abs(sample - np.median(sample))) if sample.size else 0.0
+    return NOISE_SIGMAS * 1.4826 * float(spread)
+
+
 def digit_pieces(ink: np.ndarray, sure: np.ndarray, low: float) -> np.ndarray:
     """A mask of the digit: of the pieces of INK over LOW that hold SURE ink, the one
     with the most ink (one along the edge counts for less), and those near it that hold
@@ -326,12 +338,17 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     """A 28×28 uint8 digit, white ink on black, from grey levels of any size."""
     grey = np.asarray(grey, np.float32)
     step = max(1, min(grey.shape) // SAMPLE)  # medians of a sample of pixels are as good
-    paper = grey if light_paper(grey) else 255 - grey
+    light = light_paper(grey)
+    # paper told from around the ink, against the border and most of the image: a desk
+    # or a wall beyond it
+    beyond_paper = light != light_around(grey)
+    paper = grey if light else 255 - grey
     level = paper_level(paper)
     darker = np.clip(level - paper, 0, None)
     sigma = min(paper.shape) * BLUR
     smooth = cv2.GaussianBlur(darker, (0, 0), sigma) if sigma >= 0.5 else darker
-    if smooth.max() < MIN_CONTRAST:  # blank, or a line too thin for the smoothing
+    thin = bool(smooth.max() < MIN_CONTRAST)
+    if thin:  # blank, or a line too thin for the smoothing
         smooth = cv2.GaussianBlur(darker, (0, 0), FINE)
         p = Pieces.of(smooth, smooth >= MIN_CONTRAST / 2)  # a grainy line holds together
         strong = np.unique(p.labels[smooth >= MIN_CONTRAST])
@@ -343,11 +360,12 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     if lines is not None:  # out of what the thresholds see; the digit keeps its own ink
         smooth = np.clip(smooth - lines, 0, None)
     sample = smooth[::step, ::step]
-    paper_side = sample <= otsu(sample, float(sample.max())) if sample.max() > 0 else None
-    if paper_side is not None and paper_side.any():  # not a desk or a wall beyond it
-        sample = sample[paper_side]
-    spread = np.median(np.abs(sample - np.median(sample)))  # the paper's noise, robustly
-    noise = NOISE_SIGMAS * 1.4826 * float(spread)
+    # the paper's noise, from the whole sample; from the paper's side of Otsu's threshold
+    # only for a thin line that only the finer smoothing finds (a light pencil line), and
+    # where a desk or a wall lies beyond the paper
+    if (thin or beyond_paper) and sample.max() > 0:
+        sample = sample[sample <= otsu(sample, float(sample.max()))]
+    noise = paper_noise(sample)
     faint = smooth > max(CROP_LEVEL / 255 * float(smooth.max()), noise)
     frame = Pieces.of(smooth, faint)
     beyond = frame.frame_like()[frame.labels]
