@@ -21,7 +21,7 @@ from stages.ood import (DigitCheck, activations, features, file_md5, ink_statist
 from stages.params import CalibrateParams
 from stages.predict import (NOT_A_DIGIT, Failure, classify, format_result, load_model,
                             load_predictor, normalise, predict_digits, predict_files)
-from stages.photos import DEGRADATIONS, NON_DIGITS
+from stages.photos import DEGRADATIONS, NON_DIGITS, STYLES
 from stages.synthetic import KINDS, drawn, make, pen_strokes
 
 
@@ -132,7 +132,7 @@ def test_the_check_flags_non_digits_and_passes_digits(mnist, mnist_model, mnist_
     assert max(others["noise"]["simpler"].values()) < others["noise"]["detected"]
     # photos of test digits: read about as well as on a clean sheet, and few flagged
     photos = metrics["photos"]
-    assert set(photos) == {"clean", *DEGRADATIONS, "all", "lamp"}
+    assert set(photos) == {"clean", *DEGRADATIONS, "all", *STYLES, "lamp"}
     assert photos["all"]["accuracy"] >= photos["clean"]["accuracy"] - 10, photos["all"]
     assert photos["all"]["detected"] <= 15.0, photos["all"]
     assert min(others[f"photo_{kind}"]["detected"] for kind in NON_DIGITS) >= 80.0, others
@@ -140,7 +140,8 @@ def test_the_check_flags_non_digits_and_passes_digits(mnist, mnist_model, mnist_
     assert len(lines) == 2 + 3 + len(KINDS) + len(NON_DIGITS) + 1
     assert lines[-1].startswith("| all non-digits |")
     lines = photo_table(metrics).splitlines()
-    assert len(lines) == 2 + 2 + 1 + len(DEGRADATIONS) + 2 and "**all of these" in lines[-2]
+    all_row = 2 + 2 + 1 + len(DEGRADATIONS)
+    assert len(lines) == all_row + 1 + len(STYLES) + 1 and "**all of these" in lines[all_row]
 
 
 def test_predict_refuses_sixteen_bit_noise_flags_a_scribble_but_not_digits(
