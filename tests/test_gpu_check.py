@@ -117,13 +117,23 @@ def test_the_check_imports_without_dvc_dvclive_or_torchinfo():
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this would run the CUDA tests")
+def cases(test) -> int:
+    """How many tests pytest collects from one test function: one per parametrized case."""
+    n = 1
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name == "parametrize":
+            n *= len(mark.args[1])
+    return n
+
+
 def test_the_cuda_tests_subprocess_reports_every_test_skipped_here(monkeypatch):
     """The exact pytest command the check runs, here: every CUDA test is collected and
     skipped with conftest's reason (and pyproject's timeout option, without the
     pytest-timeout plugin, is no error)."""
     monkeypatch.chdir(REPO)
     result = cuda_tests(timeout_s=120)
-    n_tests = len([name for name in vars(test_cuda) if name.startswith("test_")])
+    n_tests = sum(cases(test) for name, test in vars(test_cuda).items()
+                  if name.startswith("test_"))
     assert n_tests >= 5
     assert result == {"status": "skipped", "exit_code": 0, "passed": 0, "failed": 0,
                       "errors": 0, "skipped": n_tests, "failures": [], "measured": {},
