@@ -173,9 +173,12 @@ def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path
     """The folder NAME, filled by MAKE once per test run. Each xdist worker runs the
     session fixtures itself; the first to get here makes the folder while the others wait
     on its lock, then they read it. The workers' temp folders share a parent, which a
-    run without xdist does not have: there the folder is in the run's own."""
+    run without xdist does not have: there the folder is in the run's own. A pytest run
+    in a subprocess of a worker inherits PYTEST_XDIST_WORKER, so the worker is also
+    recognised by the folder xdist gives it (popen-gwN in the run's folder)."""
     base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and base.name.endswith(f"-{worker}"):
         base = base.parent
     folder = base / name
     with FileLock(f"{folder}.lock"):

@@ -55,12 +55,18 @@ def test_other_skipped():
 """
 
 
+def without_xdist(env) -> dict[str, str]:
+    """ENV less what an xdist worker sets for itself, so that a pytest started from a
+    worker runs as its own session (with or without xdist of its own)."""
+    return {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST_")}
+
+
 def outcomes(tmp_path: Path, ci: str | None, *args: str) -> tuple[int, dict[str, str]]:
     """Run the generated tests with CI=ci (unset: None) and pytest's ARGS; the exit status
     and each test's outcome, from pytest's JUnit XML (an XFAIL counts as skipped there)."""
     (tmp_path / "conftest.py").write_text(CONFTEST)
     (tmp_path / "test_suites.py").write_text(TESTS)
-    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env = {k: v for k, v in without_xdist(os.environ).items() if k != "CI"}
     env["PYTHONPATH"] = str(REPO / "tests")
     if ci is not None:
         env["CI"] = ci
@@ -144,7 +150,8 @@ def test_made_once_makes_a_session_fixture_once_for_all_workers(tmp_path, args):
     worker trains it, the other waits and reads it."""
     (tmp_path / "conftest.py").write_text(ONCE_CONFTEST)
     (tmp_path / "test_once.py").write_text(ONCE_TESTS)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    env = {**without_xdist(os.environ),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
                            *args, "test_once.py"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=180)
