@@ -7,8 +7,8 @@ them in words:
 
 1. Paper up: light where the border and most of the image are, unless, on a copy
    about POLARITY pixels a side, the other way up finds strokes that lie on a patch
-   that this way finds (a light note on a dark desk, a dark board on a light wall),
-   or this way finds no ink at all.
+   that this way finds (a light note on a dark desk, a dark board on a light wall;
+   a note that the frame cuts goes on beyond it), or this way finds no ink at all.
 2. The paper's own level at each pixel: a morphological closing (a max, then a min,
    over a square CLOSING of the shorter side) of a copy reduced to about COARSE pixels
    a side, enlarged again; nowhere darker than FLOOR of its lightest level.
@@ -227,6 +227,19 @@ def widened(digit: np.ndarray) -> np.ndarray:
     return out
 
 
+def patch_thickness(mask: np.ndarray) -> float:
+    """How thick MASK (uint8, 0/1) is for its size: the radius of the largest disc inside
+    it over its box's longer side. Where it reaches one or two sides of the frame (a
+    note that the frame cuts goes on beyond it), the frame does not bound the disc; where
+    it reaches three or four (a shadow, the desk around a sheet), it does."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    longer = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+    sides = sum(bool(side.any()) for side in (mask[0], mask[-1], mask[:, 0], mask[:, -1]))
+    bounded = np.pad(mask, 1) if sides >= 3 else mask
+    radius = float(cv2.distanceTransform(bounded, cv2.DIST_L2, 3).max())
+    return min(radius, longer) / longer
+
+
 @dataclass(frozen=True)
 class Candidate:
     """The main piece of ink on a small copy of the image, one way up: a mask of it,
@@ -260,17 +273,21 @@ class Candidate:
         main = int(np.argmax(np.where(inside, p.mass, 0)))
         mask = (p.labels == main).astype(np.uint8)
         if patch:
-            radius = float(cv2.distanceTransform(np.pad(mask, 1), cv2.DIST_L2, 3).max())
+            return cls(mask.astype(bool), patch_thickness(mask), bool(p.edge[main]))
         else:  # a blot where strokes meet does not make them thick
             radius = stroke_width(mask) / 2
         return cls(mask.astype(bool), radius / max(p.w[main], p.h[main]), bool(p.edge[main]))
 
 
+def light_border(grey: np.ndarray) -> bool:
+    """Whether most of GREY's border is light."""
+    return bool(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])) >= 128)
+
+
 def light_around(grey: np.ndarray) -> bool:
     """Whether the border or most of GREY is light."""
     step = max(1, min(grey.shape) // SAMPLE)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    return bool(np.median(border) >= 128 or np.median(grey[::step, ::step]) >= 128)
+    return light_border(grey) or bool(np.median(grey[::step, ::step]) >= 128)
 
 
 def light_paper(grey: np.ndarray) -> bool:
@@ -339,9 +356,9 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     grey = np.asarray(grey, np.float32)
     step = max(1, min(grey.shape) // SAMPLE)  # medians of a sample of pixels are as good
     light = light_paper(grey)
-    # paper told from around the ink, against the border and most of the image: a desk
-    # or a wall beyond it
-    beyond_paper = light != light_around(grey)
+    # paper told from around the ink, against the border or most of the image: a desk
+    # or a wall beyond it (a note over half of the frame leaves only the border dark)
+    beyond_paper = light != light_around(grey) or light != light_border(grey)
     paper = grey if light else 255 - grey
     level = paper_level(paper)
     darker = np.clip(level - paper, 0, None)
