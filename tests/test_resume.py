@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,24 +125,29 @@ def test_a_state_from_another_runtime_or_other_data_is_not_resumed(tmp_path, cha
 
 # --- restore() in-process: which saved states are used --------------------------
 
+def tiny_run(folder: Path, **train) -> tuple:
+    """params.yaml's recipe with TRAIN's changes, written to FOLDER and read back as
+    main() reads it: the train and runtime params, 64 tiny images on the CPU, their
+    fingerprint, and where the state is saved."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(batch_size=32, resume=True, **train)
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(folder / "params.yaml")
+    split = tiny_split(64, 0)
+    data = to_device(split["images"], split["labels"], 0.2, 0.35, CPU)
+    key = fingerprint(params.train, params.runtime, CPU, "data", 0.2, 0.35)
+    return params.train, params.runtime, data, key, folder / "state.pt"
+
+
 @pytest.fixture
 def saved(tmp_path):
     """A 2-epoch run's state saved after epoch 1, its params, key and data, as main()
     makes them; and the uninterrupted run's history and weights."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train"].update(epochs=2, batch_size=32, resume=True)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    params = load_params(tmp_path / "params.yaml")
-    p = params.train
-    split = tiny_split(64, 0)
-    data = to_device(split["images"], split["labels"], 0.2, 0.35, CPU)
-    key = fingerprint(p, params.runtime, CPU, "data", 0.2, 0.35)
-    path = tmp_path / "state.pt"
-
+    p, runtime, data, key, path = tiny_run(tmp_path, epochs=2)
     train_first_epoch_and_save(new_state(p, CPU, 64), data, data, p, path, key)
     whole = new_state(p, CPU, 64)
     fit(whole, data, data, p)
-    return Saved(p, params.runtime, key, path, data, whole)
+    return Saved(p, runtime, key, path, data, whole)
 
 
 @dataclasses.dataclass
@@ -261,17 +267,9 @@ def test_a_run_with_every_candidate_on_resumes_to_the_uninterrupted_result(tmp_p
     and the statistics recomputed at the end follow from the epoch and the generator."""
     from helpers import Killed
 
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train"].update(epochs=3, batch_size=32, resume=True, swa_epochs=2, norm_decay=False,
-                        clean_epochs=1, bn_recompute=True, elastic=1.0, interpolation="bilinear",
-                        anneal="linear")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    params = load_params(tmp_path / "params.yaml")
-    p = params.train
-    split = tiny_split(64, 0)
-    data = to_device(split["images"], split["labels"], 0.2, 0.35, CPU)
-    key = fingerprint(p, params.runtime, CPU, "data", 0.2, 0.35)
-    path = tmp_path / "state.pt"
+    p, _, data, key, path = tiny_run(tmp_path, epochs=3, swa_epochs=2, norm_decay=False,
+                                     clean_epochs=1, bn_recompute=True, elastic=1.0,
+                                     interpolation="bilinear", anneal="linear")
 
     def save_and_stop(s) -> None:
         save_torch(path, s.state_dict(key))
