@@ -105,6 +105,17 @@ def test_drawn_test_digits_get_the_answers_of_stages_predict(page, mnist, mnist_
     assert flagged <= N_DIGITS // 10, f"{flagged} drawn digits flagged as not digits"
 
 
+def drop(page, data: bytes, name: str) -> None:
+    """Drop a file NAME holding DATA on the page's pad, as a person drags one there."""
+    page.evaluate("""([b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const files = new DataTransfer();
+        files.items.add(new File([bytes], name));
+        document.getElementById("pad").dispatchEvent(
+            new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
+    }""", [base64.b64encode(data).decode(), name])
+
+
 @needs_chromium
 def test_a_dropped_photo_gets_the_answer_of_stages_predict(page, mnist, mnist_model, mnist_check,
                                                           tmp_path):
@@ -116,13 +127,7 @@ def test_a_dropped_photo_gets_the_answer_of_stages_predict(page, mnist, mnist_mo
     (tmp_path / "photo.jpg").write_bytes(data)
     page.click("#clear")
     with page.expect_response(lambda r: r.url.endswith("/predict")) as response:
-        page.evaluate("""([b64, name]) => {
-            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-            const files = new DataTransfer();
-            files.items.add(new File([bytes], name, {type: "image/jpeg"}));
-            document.getElementById("pad").dispatchEvent(
-                new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
-        }""", [base64.b64encode(data).decode(), "photo.jpg"])
+        drop(page, data, "photo.jpg")
     page.wait_for_selector("body[data-state=ready]", state="attached")
     shown = answer(page)
     [cli] = predict_files([tmp_path / "photo.jpg"], load_predictor(mnist_model, mnist_check[0]))
@@ -140,6 +145,33 @@ def test_a_scribble_is_flagged_but_still_answered(page):
     shown = answer(page)
     assert shown["flagged"] and shown["message"] is None
     assert shown["digit"] in range(10)  # advice: the digit is still shown
+
+
+@needs_chromium
+def test_a_busy_servers_503_is_sent_again_after_its_retry_after(page, url, mnist):
+    """While MAX_BODIES uploads are held open, a digit dropped on the page gets 503: the
+    page says that the server is busy and stays busy; once the uploads are gone, the
+    same digit is sent again after Retry-After and its answer is shown."""
+    port = urlsplit(url).port
+    holders = [socket.create_connection(("127.0.0.1", port), timeout=30)
+               for _ in range(MAX_BODIES)]
+    try:
+        for sock in holders:
+            sock.sendall(upload_head(1000) + bytes(10))
+        deadline = time.monotonic() + 10
+        while post(url, digit_png(mnist))[0] != 503:  # every body held
+            assert time.monotonic() < deadline, "the held uploads were not counted"
+        page.click("#clear")
+        drop(page, digit_png(mnist), "digit.png")
+        page.wait_for_selector("#message:not([hidden])")
+        assert "busy" in answer(page)["message"] and "trying again" in answer(page)["message"]
+        assert page.evaluate("document.body.dataset.state") == "busy"
+    finally:
+        for sock in holders:
+            sock.close()
+    page.wait_for_selector("body[data-state=ready]", state="attached", timeout=20_000)
+    shown = answer(page)
+    assert shown["message"] is None and shown["digit"] == int(mnist["test"][1][1])
 
 
 def bomb() -> bytes:

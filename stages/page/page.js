@@ -2,8 +2,9 @@
 // what the server answers. Every decision about the image is the server's (the same
 // code as `python -m stages.predict`); this file only draws and shows.
 //
-// document.body.dataset.state is "busy" while a stroke is drawn or an answer is due,
-// and "ready" once the answer shown is the one for what was last drawn or sent.
+// document.body.dataset.state is "busy" while a stroke is drawn or an answer is due
+// (a busy server's 503 is retried after its Retry-After), and "ready" once the answer
+// shown is the one for what was last drawn or sent.
 "use strict";
 
 const pad = document.getElementById("pad");
@@ -11,12 +12,15 @@ const ink = pad.getContext("2d");
 const $ = (id) => document.getElementById(id);
 
 let drawing = null;    // the pointer that draws, while it is down
-let pending = null;    // a function giving the next body to send, if any
+let pending = null;    // the next to send, if any: {body: a function giving it, tries}
 let inFlight = false;
 let generation = 0;    // bumped by Clear: answers to older requests are dropped
+let retry = null;      // the timer that sends a body again after a 503, while it waits
+const RETRIES = 30;    // 503s in a row (each after its Retry-After) before giving up
 
 function setState() {
-  document.body.dataset.state = drawing !== null || inFlight || pending ? "busy" : "ready";
+  const waiting = drawing !== null || inFlight || pending || retry !== null;
+  document.body.dataset.state = waiting ? "busy" : "ready";
 }
 
 function blank() {
@@ -110,25 +114,39 @@ function sendFile(file) {
   queue(() => Promise.resolve(file));
 }
 
-// one request at a time; a newer drawing replaces one that waits
+// one request at a time; a newer drawing replaces one that waits, or waits to retry
 function queue(body) {
-  pending = body;
+  pending = {body, tries: 0};
+  clearTimeout(retry);
+  retry = null;
   pump();
 }
 
 async function pump() {
   setState();
   if (inFlight || !pending) return;
-  const body = pending;
+  const sent = pending;
   pending = null;
   inFlight = true;
   const mine = generation;
   try {
-    const response = await fetch("predict", {method: "POST", body: await body()});
+    const response = await fetch("predict", {method: "POST", body: await sent.body()});
     const doc = await response.json().catch(() => ({error: `${response.status} ${response.statusText}`}));
-    if (mine === generation) {
-      if (response.ok) show(doc);
-      else complain(doc.error || `${response.status} ${response.statusText}`);
+    if (mine !== generation) return;
+    if (response.ok) {
+      show(doc);
+    } else if (response.status === 503 && !pending && sent.tries < RETRIES) {
+      // busy: the same body again after the wait the server asks for
+      const seconds = Math.max(1, Number(response.headers.get("Retry-After")) || 1);
+      sent.tries += 1;
+      complain(`the server is busy; trying again in ${seconds} s (${sent.tries} of ${RETRIES})`);
+      retry = setTimeout(() => {
+        retry = null;
+        if (mine === generation && !pending) pending = sent;
+        pump();
+      }, 1000 * seconds);
+    } else {
+      complain(doc.error || `${response.status} ${response.statusText}`);
     }
   } catch (err) {
     if (mine === generation) complain(`the server did not answer (${err.message}); is it still running?`);
@@ -176,6 +194,8 @@ function show(doc) {
 $("clear").addEventListener("click", () => {
   generation += 1;
   pending = null;
+  clearTimeout(retry);
+  retry = null;
   blank();
   $("answer").hidden = true;
   $("message").hidden = true;
