@@ -40,11 +40,8 @@ from stages.sheet import cv2
 torch.set_num_threads(1)
 cv2.setNumThreads(1)
 predictor = load_predictor(Path(sys.argv[2]), Path(sys.argv[3]))
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak (VmHWM) starts again from the current size
+from benchmarks.memory import restart_peak, status
+restart_peak()
 before = status("VmRSS")
 times = []
 for _ in range(int(sys.argv[4])):

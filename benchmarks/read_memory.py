@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image, ImageDraw
 
+from benchmarks.memory import restart_peak, status
 from benchmarks.photo_speed import phone_photo
 from stages.common import StageError, run_cli
 
@@ -35,11 +36,8 @@ READ = """
 import sys
 from pathlib import Path
 from stages.predict import read_digit
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # the peak (VmHWM) starts again from the current size
+from benchmarks.memory import restart_peak, status
+restart_peak()
 before = status("VmRSS")
 read_digit(Path(sys.argv[1]))
 print((status("VmHWM") - before) // 1024)
@@ -64,12 +62,6 @@ def exif_bytes(orientation: int) -> bytes:
     return exif.tobytes()
 
 
-def status(pid: int, key: str) -> int:
-    """The KEY line of /proc/PID/status, in kB."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-
 def read_peak(path: Path) -> int:
     """MB that read_digit(PATH) adds to the peak of a fresh process."""
     proc = subprocess.run([sys.executable, "-c", READ, str(path)], capture_output=True,
@@ -89,9 +81,8 @@ def server_peak(path: Path, model: Path, ood: str) -> int:
         if found is None:
             raise StageError("the server did not start")
         url = urlsplit(found[0])
-        with open(f"/proc/{server.pid}/clear_refs", "w") as f:
-            f.write("5")
-        before = status(server.pid, "VmRSS")
+        restart_peak(server.pid)
+        before = status("VmRSS", server.pid)
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
         conn.request("POST", "/predict", body=path.read_bytes())
         response = conn.getresponse()
@@ -99,7 +90,7 @@ def server_peak(path: Path, model: Path, ood: str) -> int:
         conn.close()
         if response.status != 200:
             raise StageError(f"the server answered {response.status}")
-        return (status(server.pid, "VmHWM") - before) // 1024
+        return (status("VmHWM", server.pid) - before) // 1024
     finally:
         server.terminate()
         server.wait(timeout=30)
