@@ -279,15 +279,15 @@ class Candidate:
         return cls(mask.astype(bool), radius / max(p.w[main], p.h[main]), bool(p.edge[main]))
 
 
-def light_border(grey: np.ndarray) -> bool:
-    """Whether most of GREY's border is light."""
-    return bool(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])) >= 128)
+def border_level(grey: np.ndarray) -> float:
+    """The median grey level of GREY's border."""
+    return float(np.median(np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])))
 
 
 def light_around(grey: np.ndarray) -> bool:
     """Whether the border or most of GREY is light."""
     step = max(1, min(grey.shape) // SAMPLE)
-    return light_border(grey) or bool(np.median(grey[::step, ::step]) >= 128)
+    return border_level(grey) >= 128 or bool(np.median(grey[::step, ::step]) >= 128)
 
 
 def light_paper(grey: np.ndarray) -> bool:
@@ -357,8 +357,10 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     step = max(1, min(grey.shape) // SAMPLE)  # medians of a sample of pixels are as good
     light = light_paper(grey)
     # paper told from around the ink, against the border or most of the image: a desk
-    # or a wall beyond it (a note over half of the frame leaves only the border dark)
-    beyond_paper = light != light_around(grey) or light != light_border(grey)
+    # or a wall beyond it (a note over half of the frame leaves only the border dark,
+    # clearly darker than the middle grey that noise gives)
+    beyond_paper = (light != light_around(grey)
+                    or (light and border_level(grey) < 128 - MIN_CONTRAST))
     paper = grey if light else 255 - grey
     level = paper_level(paper)
     darker = np.clip(level - paper, 0, None)
