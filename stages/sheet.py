@@ -227,13 +227,12 @@ def widened(digit: np.ndarray) -> np.ndarray:
     return out
 
 
-def patch_thickness(mask: np.ndarray) -> float:
-    """How thick MASK (uint8, 0/1) is for its size: the radius of the largest disc inside
-    it over its box's longer side. Where it reaches one or two sides of the frame (a
-    note that the frame cuts goes on beyond it), the frame does not bound the disc; where
-    it reaches three or four (a shadow, the desk around a sheet), it does."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    longer = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+def patch_thickness(mask: np.ndarray, longer: int) -> float:
+    """How thick MASK (uint8, 0/1), whose box's longer side is LONGER, is for its size:
+    the radius of the largest disc inside it over LONGER. Where it reaches one or two
+    sides of the frame (a note that the frame cuts goes on beyond it), the frame does not
+    bound the disc; where it reaches three or four (a shadow, the desk around a sheet),
+    it does."""
     sides = sum(bool(side.any()) for side in (mask[0], mask[-1], mask[:, 0], mask[:, -1]))
     bounded = np.pad(mask, 1) if sides >= 3 else mask
     radius = float(cv2.distanceTransform(bounded, cv2.DIST_L2, 3).max())
@@ -272,11 +271,12 @@ class Candidate:
             return None
         main = int(np.argmax(np.where(inside, p.mass, 0)))
         mask = (p.labels == main).astype(np.uint8)
+        longer = int(max(p.w[main], p.h[main]))
         if patch:
-            return cls(mask.astype(bool), patch_thickness(mask), bool(p.edge[main]))
+            thickness = patch_thickness(mask, longer)
         else:  # a blot where strokes meet does not make them thick
-            radius = stroke_width(mask) / 2
-        return cls(mask.astype(bool), radius / max(p.w[main], p.h[main]), bool(p.edge[main]))
+            thickness = stroke_width(mask) / 2 / longer
+        return cls(mask.astype(bool), thickness, bool(p.edge[main]))
 
 
 def border_level(grey: np.ndarray) -> float:
