@@ -352,6 +352,16 @@ def verdict(rows: list[dict]) -> str:
     return "Verdict, from the record: " + ("; ".join(parts) or "no candidate ran yet") + "."
 
 
+def halving(entry: dict) -> str:
+    """A list: the successive halving's decisions from the record so far, and what it
+    still needs."""
+    needed, notes = plan(entry["runs"], list(entry["candidates"]))
+    if needed:
+        notes.append("still to run: " + "; ".join(
+            f"{name} on seeds {', '.join(map(str, seeds))}" for name, seeds in needed.items()))
+    return "\n".join(["Successive halving, from the record:", ""] + [f"- {note}." for note in notes])
+
+
 def search_table(name: str, entry: dict) -> str:
     """One search of search.json as markdown: its ranking and verdict, every run's final
     validation accuracy by seed, and its batches."""
@@ -371,6 +381,8 @@ def search_table(name: str, entry: dict) -> str:
                      f"{_settings(entry['candidates'][row['candidate']]['params'])} | {row['n']} | "
                      f"{row['mean']:.3f} | {se} | {_diff(row['diff'])} | {row['val_loss']:.4f} |")
     lines += ["", verdict(rows), ""]
+    if entry.get("recipe"):  # searched by successive halving
+        lines += [halving(entry), ""]
     machines = sorted({run["machine"] for by_seed in entry["runs"].values()
                        for run in by_seed.values() if run.get("machine")})
     if len(machines) > 1:

@@ -293,6 +293,19 @@ def test_successive_halving_keeps_those_within_one_standard_error_of_the_best():
     assert needed == {} and notes[-1] == "finalists, on seeds 1-10: a, base; nothing left to run"
 
 
+def test_the_table_lists_the_halvings_decisions_and_what_is_left():
+    entry = {"runs": {"a": runs_of({1: 99.60, 2: 99.50, 3: 99.55, 4: 99.65}),
+                      "base": runs_of({1: 99.50, 2: 99.40, 3: 99.45, 4: 99.55}),
+                      "b": runs_of({1: 99.58, 2: 99.52, 3: 99.50, 4: 99.62}),
+                      "c": runs_of({1: 99.62, 2: 99.45, 3: 99.57, 4: 99.63, 5: 99.6})},
+             "candidates": {name: {"params": {}, "why": ""} for name in ("base", "a", "b", "c")},
+             "recipe": {"train.lr": 0.2}, "fixed": {"train.val_size": 10000}, "batches": []}
+    text = sr.search_table("t", entry)
+    assert ("Successive halving, from the record:\n\n- after seeds 1-4: best a; on to seeds "
+            "1-7: base, a, c; stopped: b (0.020 below, SE 0.015).\n- still to run: base on seeds "
+            "5, 6, 7; a on seeds 5, 6, 7; c on seeds 6, 7.\n") in text
+
+
 # --- the ranking --------------------------------------------------------------------
 
 def test_standard_errors_and_paired_intervals_on_a_hand_checked_example():
