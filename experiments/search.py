@@ -422,14 +422,47 @@ def search_table(name: str, entry: dict) -> str:
     return "\n".join(lines)
 
 
+def _order(name: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", name)]
+
+
+def summary(name: str, entry: dict) -> str:
+    """One paragraph on where search NAME stands: its size and cost, the paired
+    difference from the base of every candidate on the most seeds, and the verdict."""
+    rows = ranking(entry)
+    needed, _ = plan(entry["runs"], list(entry["candidates"]))
+    runs = sum(len(by_seed) for by_seed in entry["runs"].values())
+    hours = sum(batch.get("wall_s") or 0 for batch in entry["batches"]) / 3600
+    most = max((row["n"] for row in rows), default=0)
+    title = entry.get("title", name)
+    if not rows:
+        return f"{title}: no run yet."
+    state = ("" if not entry.get("recipe") else ", successive halving done" if not needed else
+             f", successive halving under way ({sum(map(len, needed.values()))} runs to go)")
+    leaders = [f"{row['candidate']} {_diff(row['diff'])}" for row in rows
+               if row["n"] == most and row["diff"] is not None]
+    above = [row["candidate"] for row in rows if row["diff"] and row["diff"]["low"] > 0]
+    below = [row["candidate"] for row in rows if row["diff"] and row["diff"]["high"] < 0]
+    text = (f"{title}: {len(entry['candidates']) - 1} candidates against the base, {runs} "
+            f"runs on the validation split in {hours:.1f} h of wall time{state}. "
+            f"Those on the most seeds, by their final validation accuracy's paired "
+            f"difference from the base (± 95 % interval): {', '.join(leaders) or 'none yet'}.")
+    if above:
+        return text + f" Above the base: {', '.join(above)}."
+    return text + (" No candidate is above the base"
+                   + (f"; below it: {', '.join(below)}." if below else "."))
+
+
+def newest(doc: dict) -> str:
+    """The name of search.json's newest search (by the number in its name)."""
+    return max(doc["searches"], key=_order)
+
+
 def table(doc: dict) -> str:
     """search.json as markdown: each search, the newest (by the number in its name) first."""
-    def order(name: str) -> list:
-        return [(0, int(part), "") if part.isdigit() else (1, 0, part)
-                for part in re.split(r"(\d+)", name)]
-
     return "\n\n".join(search_table(name, doc["searches"][name])
-                       for name in sorted(doc["searches"], key=order, reverse=True))
+                       for name in sorted(doc["searches"], key=_order, reverse=True))
 
 
 # --- the commands -----------------------------------------------------------------

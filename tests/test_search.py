@@ -304,6 +304,16 @@ def test_the_table_lists_the_halvings_decisions_and_what_is_left():
     assert ("Successive halving, from the record:\n\n- after seeds 1-4: best a; on to seeds "
             "1-7: base, a, c; stopped: b (0.020 below, SE 0.015).\n- still to run: base on seeds "
             "5, 6, 7; a on seeds 5, 6, 7; c on seeds 6, 7.\n") in text
+    entry["batches"] = [{"pairs": {}, "wall_s": 5400, "code": "abcdef0"},
+                        {"pairs": {}, "wall_s": None, "code": "abcdef0"}]
+    # on seeds 1-4 (c's seed 5 has no pair): a - base .10 each seed, interval .10 ± 0;
+    # b - base .08 .12 .05 .07: mean .08, SD .02944, SE .01472, t(3) 3.182: ± .047;
+    # c - base .12 .05 .12 .08: mean .0925 (.09249... in floats), SD .03403, SE .01702: ± .054
+    assert sr.summary("t", entry) == (
+        "t: 3 candidates against the base, 17 runs on the validation split in 1.5 h of wall "
+        "time, successive halving under way (8 runs to go). Those on the most seeds, by their "
+        "final validation accuracy's paired difference from the base (± 95 % interval): c "
+        "+0.092 ± 0.054 (4 seeds). Above the base: c, a, b.")
 
 
 # --- the ranking --------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Callable
 from benchmarks import gpu_check
 from experiments.seeds import SEEDS_JSON
 from experiments.seeds import table as seeds_table
-from experiments.search import SEARCH_JSON
+from experiments.search import SEARCH_JSON, newest, summary
 from experiments.search import table as search_table
 from experiments.steps import PARAMS_FILE, load_steps, step_rev
 from stages.common import StageError, read_json, run_cli, write_text
@@ -284,6 +284,15 @@ def search_block(root: Path) -> str:
     return search_table(read_json(path, "search results"))
 
 
+def search_summary_block(root: Path) -> str:
+    path = root / SEARCH_JSON
+    if not path.exists():
+        return "No search has run yet: [docs/search.md](docs/search.md) says how to run one."
+    doc = read_json(path, "search results")
+    name = newest(doc)
+    return summary(name, doc["searches"][name]) + " The tables: [docs/search.md](docs/search.md)."
+
+
 def ledger_markdown(entries, source: str = str(TEST_READS)) -> str:
     """The test-read ledger (experiments/test_reads.yaml) as a table, oldest first."""
     if not (isinstance(entries, list) and entries):
@@ -408,6 +417,7 @@ GENERATORS: dict[str, Callable[[Path], str]] = {
     "step_notes": step_notes_block,
     "seeds": seeds_block,
     "search": search_block,
+    "search_summary": search_summary_block,
     "test_reads": ledger_block,
     "benchmark": benchmark_block,
     "gpu": gpu_block,
