@@ -334,16 +334,32 @@ def _diff(diff: dict | None) -> str:
     return f"{diff['mean']:+.3f} ± {diff['half']:.3f} ({diff['n']} seeds)"
 
 
+def sides(rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """ROWS with an interval, split: those above the base, below it, and told apart
+    from it by neither (the interval includes zero)."""
+    compared = [r for r in rows if r["diff"] is not None]
+    return ([r for r in compared if r["diff"]["low"] > 0],
+            [r for r in compared if r["diff"]["high"] < 0],
+            [r for r in compared if r["diff"]["low"] <= 0 <= r["diff"]["high"]])
+
+
+def halved(entry: dict) -> bool:
+    """Whether ENTRY is searched by successive halving: a search that pins its recipe."""
+    return bool(entry.get("recipe"))
+
+
+def wall_s(entry: dict) -> float:
+    """ENTRY's batches' wall time, in seconds (a batch that did not record one counts 0)."""
+    return sum(batch.get("wall_s") or 0 for batch in entry["batches"])
+
+
 def verdict(rows: list[dict]) -> str:
     """One line: which candidates' 95 % intervals lie above or below zero, and which
     include it."""
-    compared = [r for r in rows if r["diff"] is not None]
-    groups = {"above the base (its interval above zero)":
-              [r for r in compared if r["diff"]["low"] > 0],
-              "below the base (its interval below zero)":
-              [r for r in compared if r["diff"]["high"] < 0],
-              "not told apart from the base (its interval includes zero)":
-              [r for r in compared if r["diff"]["low"] <= 0 <= r["diff"]["high"]]}
+    above, below, within = sides(rows)
+    groups = {"above the base (its interval above zero)": above,
+              "below the base (its interval below zero)": below,
+              "not told apart from the base (its interval includes zero)": within}
     parts = [f"{what}: {', '.join(r['candidate'] for r in group)}"
              for what, group in groups.items() if group]
     fewer = [r["candidate"] for r in rows if r["candidate"] != BASE and r["diff"] is None]
@@ -381,7 +397,7 @@ def search_table(name: str, entry: dict) -> str:
                      f"{_settings(entry['candidates'][row['candidate']]['params'])} | {row['n']} | "
                      f"{row['mean']:.3f} | {se} | {_diff(row['diff'])} | {row['val_loss']:.4f} |")
     lines += ["", verdict(rows), ""]
-    if entry.get("recipe"):  # searched by successive halving
+    if halved(entry):
         lines += [halving(entry), ""]
     machines = sorted({run["machine"] for by_seed in entry["runs"].values()
                        for run in by_seed.values() if run.get("machine")})
@@ -417,8 +433,7 @@ def search_table(name: str, entry: dict) -> str:
         wall = "—" if batch.get("wall_s") is None else f"{batch['wall_s'] / 60:.0f} min"
         lines.append(f"| {i} | {runs} | {wall} | {batch.get('jobs') or '—'} | "
                      f"{batch.get('machine') or 'not recorded'} | `{batch['code']}` |")
-    total = sum(batch.get("wall_s") or 0 for batch in entry["batches"])
-    lines.append(f"| **all** | | **{total / 60:.0f} min** | | | |")
+    lines.append(f"| **all** | | **{wall_s(entry) / 60:.0f} min** | | | |")
     return "\n".join(lines)
 
 
@@ -430,22 +445,19 @@ def _order(name: str) -> list:
 def summary(name: str, entry: dict) -> str:
     """One paragraph on where search NAME stands: its size and cost, the paired
     difference from the base of every candidate on the most seeds, and the verdict."""
-    rows = ranking(entry)
-    needed, _ = plan(entry["runs"], list(entry["candidates"]))
-    runs = sum(len(by_seed) for by_seed in entry["runs"].values())
-    hours = sum(batch.get("wall_s") or 0 for batch in entry["batches"]) / 3600
-    most = max((row["n"] for row in rows), default=0)
-    title = entry.get("title", name)
+    rows, title = ranking(entry), entry.get("title", name)
     if not rows:
         return f"{title}: no run yet."
-    state = ("" if not entry.get("recipe") else ", successive halving done" if not needed else
+    needed, _ = plan(entry["runs"], list(entry["candidates"]))
+    runs = sum(len(by_seed) for by_seed in entry["runs"].values())
+    most = max(row["n"] for row in rows)
+    state = ("" if not halved(entry) else ", successive halving done" if not needed else
              f", successive halving under way ({sum(map(len, needed.values()))} runs to go)")
     leaders = [f"{row['candidate']} {_diff(row['diff'])}" for row in rows
                if row["n"] == most and row["diff"] is not None]
-    above = [row["candidate"] for row in rows if row["diff"] and row["diff"]["low"] > 0]
-    below = [row["candidate"] for row in rows if row["diff"] and row["diff"]["high"] < 0]
+    above, below, _ = ([row["candidate"] for row in side] for side in sides(rows))
     text = (f"{title}: {len(entry['candidates']) - 1} candidates against the base, {runs} "
-            f"runs on the validation split in {hours:.1f} h of wall time{state}. "
+            f"runs on the validation split in {wall_s(entry) / 3600:.1f} h of wall time{state}. "
             f"Those on the most seeds, by their final validation accuracy's paired "
             f"difference from the base (± 95 % interval): {', '.join(leaders) or 'none yet'}.")
     if above:
