@@ -21,7 +21,8 @@ STYLES are how the digit is written and where, one at a time, on the same layout
 - pen1, pen2, pen3: a pen's line, 1-2, 2-3 or 3-4 % of the digit's height wide (MNIST's
   strokes are 10-15 %): the digit's centre line (Zhang-Suen thinning) drawn again;
 - pencil: a line 2-4 % wide, light grey (50-80 grey levels below the paper), grainy;
-- desk: a small light note on a dark desk, the note a fifth of the frame or less;
+- desk: a small light note on a dark desk, the note from an eighth to half of the frame
+  (a quarter, typically);
 - board: a light, chalky digit on a dark blackboard hung on a light wall.
 
 The same seed gives the same photo; the layout (sheet, colours, place) comes from the

@@ -290,13 +290,13 @@ def light_around(grey: np.ndarray) -> bool:
     return border_level(grey) >= 128 or bool(np.median(grey[::step, ::step]) >= 128)
 
 
-def light_paper(grey: np.ndarray) -> bool:
+def light_paper(grey: np.ndarray, around: bool) -> bool:
     """Whether the paper is light (dark ink) in GREY, told from the ink and what lies
-    around it. Light where the border and most of the image are (a desk along a
-    sheet's border, a scribble over most of the paper leave it light), unless the other
+    around it. Light where AROUND says (light_around(GREY): a desk along a sheet's
+    border, a scribble over most of the paper leave it light), unless the other
     way up finds strokes that lie on what this way finds as a patch of ink (a light
     note on a dark desk, a dark board on a light wall), or this way finds none."""
-    light = light_around(grey)
+    light = around
     factor = max(1, min(grey.shape) // POLARITY)
     small = cv2.resize(grey, (-(-grey.shape[1] // factor), -(-grey.shape[0] // factor)),
                        interpolation=cv2.INTER_AREA) if factor > 1 else grey
@@ -355,11 +355,12 @@ def to_mnist(grey: np.ndarray) -> np.ndarray:
     """A 28×28 uint8 digit, white ink on black, from grey levels of any size."""
     grey = np.asarray(grey, np.float32)
     step = max(1, min(grey.shape) // SAMPLE)  # medians of a sample of pixels are as good
-    light = light_paper(grey)
+    around = light_around(grey)
+    light = light_paper(grey, around)
     # paper told from around the ink, against the border or most of the image: a desk
     # or a wall beyond it (a note over half of the frame leaves only the border dark,
     # clearly darker than the middle grey that noise gives)
-    beyond_paper = (light != light_around(grey)
+    beyond_paper = (light != around
                     or (light and border_level(grey) < 128 - MIN_CONTRAST))
     paper = grey if light else 255 - grey
     level = paper_level(paper)
