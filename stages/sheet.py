@@ -147,7 +147,8 @@ def otsu(values: np.ndarray, top: float) -> float:
 @dataclass(frozen=True)
 class Pieces:
     """The connected pieces (8-connected) of a mask: a label per pixel (0: none), and
-    per label its box, its ink, and whether it touches the image's edge."""
+    per label its box, its ink (none counted for label 0), and whether it touches the
+    image's edge."""
 
     labels: np.ndarray
     x: np.ndarray
@@ -171,7 +172,8 @@ class Pieces:
         rows, cols = mask.shape
         edge = (x == 0) | (y == 0) | (x + w == cols) | (y + h == rows)
         edge[0] = False
-        mass = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=count)
+        on = np.flatnonzero(mask)  # ink is summed where the mask is: a small share of pixels
+        mass = np.bincount(labels.ravel()[on], weights=ink.ravel()[on], minlength=count)
         return cls(labels, x, y, w, h, mass, edge)
 
     def frame_like(self) -> np.ndarray:
