@@ -19,6 +19,7 @@ import gzip
 import pickle
 from pathlib import Path
 
+import dvc  # noqa: F401 - see below
 import numpy as np
 import pytest
 import torch
@@ -30,6 +31,12 @@ from helpers import Mirror, idx_bytes, made_once, md5, raw_arrays, write_raw_dir
 # The tests' tensors are tiny: one thread is faster, and does not fight a training
 # run in the background for the cores.
 torch.set_num_threads(1)
+
+# DVC sets up its console logging on its first import, writing to the sys.stdout and
+# sys.stderr of that moment. Imported above, at the start of each worker, it writes to
+# the run's own capture; first imported in a test that captures its output (capsys),
+# it would keep that test's streams, which are closed when the test ends, and a later
+# test that uses DVC in the same worker would fail as DVC logs to them.
 
 
 @pytest.fixture
