@@ -276,19 +276,24 @@ def recipe_seeds(root: Path) -> dict | None:
     return doc
 
 
-def search_block(root: Path) -> str:
+def read_search(root: Path) -> dict | None:
+    """experiments/search.json, or None where no search has run."""
     path = root / SEARCH_JSON
-    if not path.exists():
+    return read_json(path, "search results") if path.exists() else None
+
+
+def search_block(root: Path) -> str:
+    doc = read_search(root)
+    if doc is None:
         return ("No search has run yet: `python -m experiments.search next`, then "
                 "`python -m experiments.search run --next` and `python -m tools.docs`.")
-    return search_table(read_json(path, "search results"))
+    return search_table(doc)
 
 
 def search_summary_block(root: Path) -> str:
-    path = root / SEARCH_JSON
-    if not path.exists():
+    doc = read_search(root)
+    if doc is None:
         return "No search has run yet: [docs/search.md](docs/search.md) says how to run one."
-    doc = read_json(path, "search results")
     name = newest(doc)
     return summary(name, doc["searches"][name]) + " The tables: [docs/search.md](docs/search.md)."
 
