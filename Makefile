@@ -56,7 +56,9 @@ setup: $(STAMP) $(PLOTS_TEMPLATE)
 repro: setup
 	dvc repro
 
+# the browser and SSH suites' programs first (Chromium, sshd: tools/test_programs.sh)
 test: setup
+	./tools/test_programs.sh
 	python -m pytest -q -n 2 --dist loadfile
 
 steps: setup

@@ -165,7 +165,7 @@ def needs_chromium(test):
     """A test that drives a real browser: marked `browser`, and skipped without Chromium
     (failed instead in CI: tests/ci_suites.py)."""
     skip = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium for a real browser "
-                              "(apt-get install chromium); CI installs it")
+                              "(apt-get install chromium); make test installs it")
     return pytest.mark.browser(skip(test))
 
 

@@ -78,7 +78,7 @@ def sshd_path() -> str | None:
 def unavailable() -> str | None:
     """Why no sshd can run here, or None; as root, first creates PRIVSEP if missing."""
     if sshd_path() is None:
-        return "no sshd on this machine: install openssh-server (.ci/run does)"
+        return "no sshd on this machine: install openssh-server (make test does)"
     if shutil.which("ssh-keygen") is None:
         return "no ssh-keygen on this machine: install openssh-client"
     if os.geteuid() == 0 and not PRIVSEP.is_dir():
