@@ -44,11 +44,13 @@ TRICKLE = 5.0  # seconds between the slow client's header lines
 
 
 def rss_mb(pid: int) -> float:
+    """The resident memory of process PID, in MB, as /proc says."""
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def head(length: int) -> bytes:
+def upload_head(length: int) -> bytes:
+    """The head of a POST /predict of a PNG of LENGTH bytes."""
     return (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
             f"Content-Length: {length}\r\n\r\n").encode()
 
@@ -75,7 +77,7 @@ def hold_uploads(port: int, pid: int) -> None:
 
     def hold(sock: socket.socket) -> None:
         try:
-            sock.sendall(head(UPLOAD) + bytes(UPLOAD - 1))
+            sock.sendall(upload_head(UPLOAD) + bytes(UPLOAD - 1))
         except OSError:
             pass
 
@@ -107,7 +109,7 @@ def all_at_once(port: int) -> None:
         start.wait(timeout=30)
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-                sock.sendall(head(len(body)) + body)
+                sock.sendall(upload_head(len(body)) + body)
                 outcomes.append(status_of(sock))
         except OSError as err:
             outcomes.append(type(err).__name__)
@@ -128,7 +130,7 @@ def all_at_once(port: int) -> None:
 
 def trickle(port: int, give_up: float) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(head(1000)[:-2])
+        sock.sendall(upload_head(1000)[:-2])
         began = time.monotonic()
         while time.monotonic() - began < give_up:
             ready, _, _ = select.select([sock], [], [], TRICKLE)
@@ -168,7 +170,7 @@ def main() -> None:
         port = int(line.split()[4].rstrip("/").rsplit(":", 1)[1])
         status_of_digit = None
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-            sock.sendall(head(len(digit_png())) + digit_png())
+            sock.sendall(upload_head(len(digit_png())) + digit_png())
             status_of_digit = status_of(sock)
         print(f"server {args.repo}: a digit answered {status_of_digit}")
         hold_uploads(port, proc.pid)

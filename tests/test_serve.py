@@ -9,7 +9,6 @@ import base64
 import http.client
 import io
 import json
-import re
 import select
 import socket
 import struct
@@ -27,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.serve_load import rss_mb, upload_head
 from helpers import REPO, assert_one_line_error, needs_chromium, run_stage
 from scripts.page_screenshot import answer, browser_page, draw, serving
 from stages.calibrate import PAGE_PEN, PAGE_SCALE, PAGE_SIDE
@@ -356,17 +356,6 @@ def served(mnist_model, mnist_check, log: Path, *args: str) -> Iterator[subproce
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-
-
-def rss_mb(pid: int) -> float:
-    """The resident memory of process PID, in MB, as /proc says."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
-
-
-def upload_head(length: int) -> bytes:
-    return (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
 
 
 def read_answer(sock: socket.socket) -> tuple[int, dict, dict]:
