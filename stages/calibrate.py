@@ -7,7 +7,9 @@ Writes: OOD (models/ood.json), the check that predict and serve read; METRICS
         (metrics/ood.json): the share of MNIST test digits, typed and pen-drawn digits,
         photos of test digits under each degradation, and of each kind of non-digit
         (drawn or photographed) that it flags, what three simpler scores flag at the
-        same threshold share, and how many of the test digits the model reads right.
+        same threshold share, and how many of the test digits the model reads right;
+        PASSED_PNG (plots/ood_passed.png): the measured non-digits that it takes for
+        digits, as the model saw them.
 Params: calibrate.* (params.yaml), runtime.
 
 The fit uses FITTED MNIST training digits (PHOTOS of them also photographed), typed
@@ -30,6 +32,7 @@ from PIL import Image
 
 from stages.common import StageError, run_cli, write_json
 from stages.data import load_split
+from stages.figures import digit_grid
 from stages.ood import N_INK, N_LOGITS, DigitCheck, features, file_md5, fit, logits_of, rounded
 from stages.params import CalibrateParams, load_params
 from stages.runtime import apply as apply_runtime
@@ -71,11 +74,13 @@ def framed(images: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Group:
     """Images of one kind as the check sees them: features of those that were read, how
-    many in all, and, for digits, the labels of those read."""
+    many in all, for digits the labels of those read, and the uint8 28×28 digits that
+    preprocessing made of them."""
 
     feats: torch.Tensor
     total: int
     labels: torch.Tensor | None = None
+    digits: torch.Tensor | None = None
 
     @property
     def refused(self) -> int:
@@ -99,7 +104,7 @@ class Reader:
                total: int | None = None) -> Group:
         x = normalise(digits, self.mean, self.std)
         feats = features(self.model, x, digits) if len(digits) else torch.zeros(0, 0)
-        return Group(feats, len(digits) if total is None else total, labels)
+        return Group(feats, len(digits) if total is None else total, labels, digits)
 
     def files(self, files: Iterable[bytes], labels: torch.Tensor | None = None) -> Group:
         """Image FILES (their bytes), read as predict reads them; LABELS: of each file."""
@@ -223,13 +228,24 @@ def evenly(n: int, total: int) -> torch.Tensor:
     return torch.linspace(0, total - 1, min(n, total)).long()
 
 
+@dataclass(frozen=True)
+class Passed:
+    """A measured non-digit that the check takes for a digit."""
+
+    kind: str
+    score: float
+    digit: np.ndarray  # the uint8 28×28 that the model saw
+    answer: int        # the model's digit for it
+
+
 def measure(calibration: Calibration, reader: Reader, test: tuple[torch.Tensor, torch.Tensor],
-            p: CalibrateParams) -> dict:
+            p: CalibrateParams) -> tuple[dict, list[Passed]]:
     """What the check and the simpler scores flag, each at the threshold that flags a
     share p.false_flags of the held-out training digits, on images it was not fitted on:
     the test split (as it is, drawn with the page's pen, and photographed under each
     degradation), and typed digits, non-digits and photos of them from p.seed + 1; and
-    how many of the test digits the model reads right."""
+    how many of the test digits the model reads right. Also the non-digits it passes,
+    by kind, the most digit-like first."""
     seed = p.seed + 1
     images, labels = test
     picked = evenly(p.drawn, len(images))
@@ -272,11 +288,46 @@ def measure(calibration: Calibration, reader: Reader, test: tuple[torch.Tensor, 
     everything = Group(torch.cat([g.feats for g in others.values() if len(g.feats)]),
                        sum(g.total for g in others.values()))
     non_digits["all"] = rates(everything)
-    return {"false_flags_target": round(100 * p.false_flags, 2),
-            "held_out_flagged": rates(held_out)["flagged"],
-            "digits": {name: rates(group) for name, group in digits.items()},
-            "photos": {name: rates(group) for name, group in photos.items()},
-            "non_digits": non_digits}
+    metrics = {"false_flags_target": round(100 * p.false_flags, 2),
+               "held_out_flagged": rates(held_out)["flagged"],
+               "digits": {name: rates(group) for name, group in digits.items()},
+               "photos": {name: rates(group) for name, group in photos.items()},
+               "non_digits": non_digits}
+    return metrics, passed_by(check, others)
+
+
+def passed_by(check: DigitCheck, groups: dict[str, Group]) -> list[Passed]:
+    """The images of GROUPS (by kind) that CHECK takes for digits, by kind, then by
+    score, the most digit-like first."""
+    passed = []
+    for kind, group in sorted(groups.items()):
+        if not len(group.feats):
+            continue
+        scores = check.scores(group.feats)
+        answers = logits_of(group.feats).argmax(dim=1)
+        passed += sorted((Passed(kind, float(scores[i]), group.digits[i].numpy(), int(answers[i]))
+                          for i in (scores <= check.threshold).nonzero().flatten().tolist()),
+                         key=lambda one: one.score)
+    return passed
+
+
+def passed_caption(shown: int, passed: int, images: int) -> str:
+    """What the figure of passed non-digits says of itself."""
+    if passed == 0:
+        return f"the digit check flags or refuses all {images:,} measured non-digits"
+    return (f"measured non-digits that the digit check takes for digits (kind: the model's "
+            f"answer): {shown} of {passed}, of {images:,} measured")
+
+
+def draw_passed(path: Path, passed: list[Passed], images: int, max_passed: int) -> str:
+    """A grid of up to MAX_PASSED of the PASSED non-digits (of IMAGES measured), each
+    titled with its kind and the model's answer; returns its caption."""
+    shown = passed[:max_passed]
+    caption = passed_caption(len(shown), len(passed), images)
+    digit_grid(path, [one.digit for one in shown],
+               [f"{one.kind.replace('_', ' ')}: {one.answer}" for one in shown], caption,
+               cell=(1.3, 1.5), fontsize=7)
+    return caption
 
 
 # --- the table in docs/use.md ----------------------------------------------------
@@ -334,6 +385,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data/prepared"))
     parser.add_argument("--ood", type=Path, default=Path("models/ood.json"))
     parser.add_argument("--metrics", type=Path, default=METRICS)
+    parser.add_argument("--passed-png", type=Path, default=Path("plots/ood_passed.png"))
     args = parser.parse_args()
     params = load_params()
     apply_runtime(params.runtime)
@@ -343,15 +395,17 @@ def main() -> None:
     train = load_split(args.data / "train.pt")
     test = load_split(args.data / "test.pt")
     calibration = calibrate(reader, train, p, file_md5(args.model))
-    metrics = measure(calibration, reader, test, p)
+    metrics, passed = measure(calibration, reader, test, p)
     write_json(args.ood, calibration.check.to_json())
     write_json(args.metrics, metrics)
+    caption = draw_passed(args.passed_png, passed, metrics["non_digits"]["all"]["images"],
+                          p.max_passed)
     test, others = metrics["digits"]["mnist_test"], metrics["non_digits"]["all"]
     photos = metrics["photos"]["all"]
     print(f"digit check: flags {test['flagged']:.2f} % of MNIST test digits and "
           f"{photos['flagged']:.2f} % of photos of them (read right: {photos['accuracy']:.2f} %); "
           f"of {others['images']:,} non-digits, {others['detected']:.2f} % refused or flagged; "
-          f"wrote {args.ood} and {args.metrics}")
+          f"wrote {args.ood} and {args.metrics}; {args.passed_png}: {caption}")
 
 
 if __name__ == "__main__":

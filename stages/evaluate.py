@@ -10,7 +10,6 @@ Params: evaluate.batch_size, evaluate.max_errors, train.device, runtime.*.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from stages.common import atomic_path, load_torch, run_cli, write_json
 from stages.data import load_split, load_stats, to_device
 from stages.device import resolve_device
-from stages.figures import plt, save_png
+from stages.figures import digit_grid
 from stages.model import count_params, from_checkpoint, predict
 from stages.params import load_params
 from stages.runtime import apply as apply_runtime
@@ -68,18 +67,9 @@ def draw_errors(path: Path, images: torch.Tensor, labels: torch.Tensor, pred: to
     returns its caption."""
     errors = (pred != labels).nonzero().flatten()
     wrong = errors[:max_errors].tolist()
-    cols = min(8, max(1, len(wrong)))
-    rows = max(1, math.ceil(len(wrong) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.3), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, wrong):
-        ax.imshow(images[i].numpy(), cmap="gray_r")
-        ax.set_title(f"{int(labels[i])}→{int(pred[i])}", fontsize=9)
     caption = errors_caption(len(wrong), len(errors))
-    fig.suptitle(caption, fontsize=9)
-    fig.tight_layout()
-    save_png(fig, path)
+    digit_grid(path, [images[i].numpy() for i in wrong],
+               [f"{int(labels[i])}→{int(pred[i])}" for i in wrong], caption)
     return caption
 
 

@@ -170,6 +170,8 @@ class CalibrateParams:
     weight_decay: float = _rule(lambda v: v >= 0, "a number >= 0")
     seed: int = _rule(lambda v: 0 <= v < 2**64 - 1, "an integer in [0, 2**64 - 1): the "
                       "measurement also uses seed + 1")
+    max_passed: int = _rule(lambda v: v >= 0, "an integer >= 0 (non-digits that the check "
+                            "passes, drawn)")
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import QUICK_CHECK
-from stages.calibrate import (PAGE_PEN, PAGE_SCALE, PAGE_SIDE, Reader, framed, measure,
-                              photo_table, table)
+from stages.calibrate import (PAGE_PEN, PAGE_SCALE, PAGE_SIDE, Reader, draw_passed, framed,
+                              measure, photo_table, table)
 from stages.common import StageError, write_json
 from stages.model import Net
 from stages.ood import (DigitCheck, activations, features, file_md5, ink_statistics, load_check,
@@ -114,12 +114,26 @@ def png(image: Image.Image) -> bytes:
 
 
 @pytest.mark.timeout(900)  # the first to use the session's model and check: it waits for them
-def test_the_check_flags_non_digits_and_passes_digits(mnist, mnist_model, mnist_check):
-    """Measured as the calibrate stage measures it, on images it was not fitted on."""
+def test_the_check_flags_non_digits_and_passes_digits(mnist, mnist_model, mnist_check, tmp_path):
+    """Measured as the calibrate stage measures it, on images it was not fitted on; the
+    non-digits it passes are those its metrics count, and are drawn."""
     _, calibration = mnist_check
     reader = Reader(*load_model(mnist_model))
     p = CalibrateParams(**QUICK_CHECK)
-    metrics = measure(calibration, reader, (mnist["test"][0][:3000], mnist["test"][1][:3000]), p)
+    metrics, passed = measure(calibration, reader,
+                              (mnist["test"][0][:3000], mnist["test"][1][:3000]), p)
+    kinds = {kind: r for kind, r in metrics["non_digits"].items() if kind != "all"}
+    for kind, r in kinds.items():
+        count = round(r["images"] * (100 - r["detected"]) / 100)
+        assert sum(one.kind == kind for one in passed) == count, kind
+    assert passed, "the quick check passes some non-digits; the figure needs one to draw"
+    assert all(one.score <= calibration.check.threshold for one in passed)
+    assert all(one.digit.shape == (28, 28) and one.digit.dtype == np.uint8 for one in passed)
+    for path, most in ((tmp_path / "passed.png", 5), (tmp_path / "none.png", 0)):
+        caption = draw_passed(path, passed, metrics["non_digits"]["all"]["images"], most)
+        assert caption.startswith("measured non-digits that the digit check takes for digits")
+        assert f": {most} of {len(passed)}," in caption
+        assert Image.open(path).size[0] > 100
     # the threshold flags the share it was set to, of the held-out training digits
     assert metrics["held_out_flagged"] <= 2 * 100 * p.false_flags
     digits, others = metrics["digits"], metrics["non_digits"]
@@ -142,6 +156,12 @@ def test_the_check_flags_non_digits_and_passes_digits(mnist, mnist_model, mnist_
     lines = photo_table(metrics).splitlines()
     all_row = 2 + 2 + 1 + len(DEGRADATIONS)
     assert len(lines) == all_row + 1 + len(STYLES) + 1 and "**all of these" in lines[all_row]
+
+
+def test_the_passed_figure_says_so_when_every_non_digit_is_caught(tmp_path):
+    caption = draw_passed(tmp_path / "passed.png", [], 8600, 64)
+    assert caption == "the digit check flags or refuses all 8,600 measured non-digits"
+    assert Image.open(tmp_path / "passed.png").format == "PNG"
 
 
 def test_predict_refuses_sixteen_bit_noise_flags_a_scribble_but_not_digits(

@@ -166,7 +166,7 @@ def test_the_largest_calibrate_seed_is_accepted_by_the_fit_and_the_measurement(
     reader = Reader(*load_model(mnist_model))
     calibration = calibrate(reader, mnist["train"], p, "0" * 32)
     images, labels = mnist["test"]
-    metrics = measure(calibration, reader, (images[:100], labels[:100]), p)
+    metrics, _ = measure(calibration, reader, (images[:100], labels[:100]), p)
     assert metrics["digits"]["typed"]["images"] == 10
 
 
