@@ -298,32 +298,31 @@ def light_paper(grey: np.ndarray, around: bool) -> bool:
     border, a scribble over most of the paper leave it light), unless the other
     way up finds strokes that lie on what this way finds as a patch of ink (a light
     note on a dark desk, a dark board on a light wall), or this way finds none."""
-    light = around
     factor = max(1, min(grey.shape) // POLARITY)
     small = cv2.resize(grey, (-(-grey.shape[1] // factor), -(-grey.shape[0] // factor)),
                        interpolation=cv2.INTER_AREA) if factor > 1 else grey
     # the patch: darker than the lightest paper anywhere; the strokes: than their paper
-    other = 255 - small if light else small
-    patch = Candidate.of(small if light else 255 - small, 1.0, patch=True)
+    other = 255 - small if around else small
+    patch = Candidate.of(small if around else 255 - small, 1.0, patch=True)
     strokes = Candidate.of(other, CLOSING, patch=False)
     if strokes is None or strokes.thickness >= THIN_STROKE or strokes.edge:
-        return light  # (paper between ruled lines runs to the edge)
+        return around  # (paper between ruled lines runs to the edge)
     if patch is None:
-        return not light
+        return not around
     # what lies around the strokes: mostly the patch (a note's paper, the board), and
     # lighter than they are; not the same paper (that a bold digit's bend holds)
     near = strokes.mask.astype(np.uint8)
     ring = cv2.dilate(near, np.ones((RING, RING), np.uint8)) \
         > cv2.dilate(near, np.ones((5, 5), np.uint8))
     if not ring.any():  # strokes all over the copy
-        return light
+        return around
     contrast = np.median(other[ring]) - np.median(other[strokes.mask])
     rows, cols = np.nonzero(strokes.mask)
     box = (np.ptp(rows) + 1) * (np.ptp(cols) + 1)
     if (patch.thickness >= PATCH and patch.mask[ring].mean() >= ON and contrast >= MIN_CONTRAST
             and patch.mask.sum() >= 2 * box):
-        return not light
-    return light
+        return not around
+    return around
 
 
 def paper_noise(sample: np.ndarray) -> float:

@@ -3,7 +3,7 @@
 # they are missing (as root, or through sudo): a real browser for the offline-plots test
 # (tests/test_plots_offline.py) and the page's (tests/test_serve.py, through the pinned
 # playwright package), and a real sshd for the SSH remote tests (tests/test_ssh_remote.py,
-# which start their own on 127.0.0.1). `make test` and `.ci/run` run it first. Where a
+# which start their own on 127.0.0.1). `make test` runs it first, in .ci/run too. Where a
 # program cannot be installed, one line says which suite will skip (or, with CI=true,
 # fail: tests/ci_suites.py); the tests run either way.
 set -uo pipefail
