@@ -13,12 +13,13 @@ preprocessing made, plus a few statistics of its ink:
   how much of it is solid, how much edge it has per unit of ink, and how many
   separate strokes a row or column crosses.
 
-A small network (one hidden layer) turns these 101 numbers into a score. It is fitted
-as in outlier exposure (Hendrycks et al., 2019), with the model itself left as it is:
-MNIST training digits and digits typed in Pillow's font on one side, images made by
-stages/synthetic.py on the other. The threshold is the score that a set share of
-held-out MNIST training digits exceeds. stages/calibrate.py fits it and measures it;
-docs/use.md has the numbers and how the simpler scores fared.
+A small network (one hidden layer; the mean of several such fits) turns these 101
+numbers into a score. It is fitted as in outlier exposure (Hendrycks et al., 2019),
+with the model itself left as it is: MNIST training digits and digits typed in
+Pillow's font on one side, images made by stages/synthetic.py on the other. The
+threshold is the score that a set share of held-out MNIST training digits exceeds.
+stages/calibrate.py fits it and measures it; docs/use.md has the numbers and how the
+simpler scores fared.
 
 The check belongs to one checkpoint: its file records the checkpoint's md5.
 """
@@ -153,17 +154,35 @@ class DigitCheck:
         return check
 
 
-def fit(digits: torch.Tensor, others: torch.Tensor, hidden: int, steps: int, lr: float,
-        weight_decay: float, seed: int, model_md5: str) -> DigitCheck:
+def fit(digits: torch.Tensor, others: torch.Tensor, hidden: int, fits: int, steps: int,
+        lr: float, weight_decay: float, seed: int, model_md5: str) -> DigitCheck:
     """A check fitted to tell feature rows DIGITS (label 0) from OTHERS (label 1), each
-    side weighted as much as the other; its threshold is left at +inf."""
+    side weighted as much as the other; its threshold is left at +inf.
+
+    FITS networks of HIDDEN units are fitted, each from the next draws of SEED's
+    generator, and the check's score is the mean of theirs: one hidden layer of
+    FITS × HIDDEN units whose output weights are divided by FITS. One fit's score
+    depends on its start: the non-digits it passes change from seed to seed."""
     x = torch.cat([digits, others])
     y = torch.cat([torch.zeros(len(digits)), torch.ones(len(others))])
     weight = torch.where(y == 1, 0.5 / len(others), 0.5 / len(digits))
     centre, scale = x.mean(dim=0), x.std(dim=0).clamp(min=1e-6)
     z = (x - centre) / scale
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    nets = [_fitted_net(z, y, weight, hidden, steps, lr, weight_decay) for _ in range(fits)]
+    return DigitCheck(model_md5=model_md5, centre=centre, scale=scale,
+                      hidden=torch.cat([first.weight for first, _ in nets]),
+                      hidden_bias=torch.cat([first.bias for first, _ in nets]),
+                      out=torch.cat([last.weight[0] for _, last in nets]) / fits,
+                      out_bias=float(sum(last.bias[0] for _, last in nets) / fits),
+                      threshold=math.inf)
+
+
+def _fitted_net(z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, hidden: int,
+                steps: int, lr: float, weight_decay: float) -> tuple[nn.Linear, nn.Linear]:
+    """One network's two layers, fitted by full-batch Adam to the rows Z (labels Y,
+    weighted by WEIGHT), from torch's generator as it stands; without gradients."""
+    net = nn.Sequential(nn.Linear(z.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 1))
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         loss = nn.functional.binary_cross_entropy_with_logits(net(z).squeeze(1), y,
@@ -171,11 +190,8 @@ def fit(digits: torch.Tensor, others: torch.Tensor, hidden: int, steps: int, lr:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    first, last = net[0], net[2]
-    return DigitCheck(model_md5=model_md5, centre=centre, scale=scale,
-                      hidden=first.weight.detach().clone(), hidden_bias=first.bias.detach().clone(),
-                      out=last.weight.detach()[0].clone(), out_bias=float(last.bias.detach()[0]),
-                      threshold=math.inf)
+    net.requires_grad_(False)
+    return net[0], net[2]
 
 
 def rounded(check: DigitCheck) -> DigitCheck:

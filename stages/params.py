@@ -165,6 +165,8 @@ class CalibrateParams:
     photo_others: int = _rule(_positive, "an integer >= 1 (photos of each kind of non-digit "
                               "fitted, and measured)")
     hidden: int = _rule(_positive, "an integer >= 1")
+    fits: int = _rule(_positive, "an integer >= 1 (networks fitted, whose scores are "
+                      "averaged)")
     steps: int = _rule(_positive, "an integer >= 1")
     lr: float = _rule(_positive, "a number > 0")
     weight_decay: float = _rule(lambda v: v >= 0, "a number >= 0")

@@ -147,8 +147,8 @@ def mnist_model(mnist, tmp_path_factory) -> Path:
 
 # params for a quick digit check: small counts, few steps
 QUICK_CHECK = dict(false_flags=0.005, fitted=4000, held_out=2000, typed=400, per_kind=80,
-                   drawn=100, photos=200, photo_sets=30, photo_others=30, hidden=32, steps=400,
-                   lr=0.003, weight_decay=0.0001, seed=1, max_passed=64)
+                   drawn=100, photos=200, photo_sets=30, photo_others=30, hidden=32, fits=2,
+                   steps=400, lr=0.003, weight_decay=0.0001, seed=1, max_passed=64)
 
 
 @pytest.fixture(scope="session")

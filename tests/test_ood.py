@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,11 +14,11 @@ from PIL import Image
 
 from conftest import QUICK_CHECK
 from stages.calibrate import (PAGE_PEN, PAGE_SCALE, PAGE_SIDE, Reader, draw_passed, framed,
-                              measure, photo_table, table)
+                              measure, one_network, photo_table, table)
 from stages.common import StageError, write_json
 from stages.model import Net
-from stages.ood import (DigitCheck, activations, features, file_md5, ink_statistics, load_check,
-                        rounded)
+from stages.ood import (DigitCheck, activations, features, file_md5, fit, ink_statistics,
+                        load_check, rounded)
 from stages.params import CalibrateParams
 from stages.predict import (NOT_A_DIGIT, Failure, classify, format_result, load_model,
                             load_predictor, normalise, predict_digits, predict_files)
@@ -68,6 +69,34 @@ def test_a_check_reads_back_from_its_file_exactly(tmp_path):
     assert again.threshold == check.threshold and again.model_md5 == check.model_md5
     # rounding changes the weights by float32 round-off at most
     torch.testing.assert_close(small_check().scores(feats), check.scores(feats))
+
+
+def test_the_check_is_the_mean_of_its_fits_and_the_first_is_the_single_fit():
+    g = torch.Generator().manual_seed(0)
+    digits = torch.randn(300, 4, generator=g)
+    others = torch.randn(200, 4, generator=g) + torch.tensor([2.0, 0, 0, -2.0])
+    args = dict(hidden=5, steps=200, lr=0.01, weight_decay=0.0, seed=3, model_md5="0" * 32)
+    one, three = fit(digits, others, fits=1, **args), fit(digits, others, fits=3, **args)
+    assert three.hidden.shape == (15, 4)
+    # the first network is the one a single fit gives: fits: 1 keeps the check as it was
+    assert torch.equal(three.hidden[:5], one.hidden)
+    assert torch.equal(three.hidden_bias[:5], one.hidden_bias)
+    assert torch.equal(three.out[:5], one.out / 3)
+
+    def part(k: int) -> DigitCheck:
+        rows = slice(5 * k, 5 * k + 5)
+        return replace(three, hidden=three.hidden[rows], hidden_bias=three.hidden_bias[rows],
+                       out=three.out[rows] * 3, out_bias=0.0)
+
+    feats = torch.cat([digits, others])
+    scores = [part(k).scores(feats) for k in range(3)]
+    torch.testing.assert_close(three.scores(feats), sum(scores) / 3 + three.out_bias)
+    assert not torch.equal(scores[0], scores[1])  # each network starts from its own draws
+    # what the calibrate stage measures as one network: the first, scaled and shifted
+    torch.testing.assert_close(one_network(three, 5).scores(feats),
+                               scores[0] / 3 + three.out_bias)
+    tell = three.scores(others).median() > three.scores(digits).quantile(0.99)
+    assert tell, "the averaged check does not tell the two clouds apart"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -152,6 +181,8 @@ def test_the_check_flags_non_digits_and_passes_digits(mnist, mnist_model, mnist_
     assert min(others[f"photo_{kind}"]["detected"] for kind in NON_DIGITS) >= 80.0, others
     lines = table(metrics).splitlines()
     assert len(lines) == 2 + 3 + len(KINDS) + len(NON_DIGITS) + 1
+    # kind, n, three shares, one network alone, three simpler scores
+    assert {line.count("|") for line in lines} == {10}
     assert lines[-1].startswith("| all non-digits |")
     lines = photo_table(metrics).splitlines()
     all_row = 2 + 2 + 1 + len(DEGRADATIONS)

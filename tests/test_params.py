@@ -128,6 +128,20 @@ def test_the_train_stage_refuses_them_before_any_work(tmp_path, line, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
+@pytest.mark.parametrize("key, value, problem", [
+    ("fits", 0, "is out of range; allowed: an integer >= 1 (networks fitted, whose scores are "
+                "averaged)"),
+    ("fits", 2.0, "is not an integer"),
+    ("max_passed", -1, "is out of range; allowed: an integer >= 0"),
+])
+def test_bad_calibrate_value(raw, key, value, problem):
+    bad = copy.deepcopy(raw)
+    bad["calibrate"][key] = value
+    with pytest.raises(StageError) as err:
+        parse_params(bad)
+    assert str(err.value).startswith(f"params.yaml: calibrate.{key} = {value!r} {problem}")
+
+
 @pytest.mark.parametrize("value", [2**64 - 1, 2**64, -1])
 def test_bad_calibrate_seed(raw, value):
     """calibrate also seeds with seed + 1, which torch refuses from 2**64 on."""
