@@ -45,7 +45,7 @@ def test_float_params_given_as_integers_become_floats(raw):
     assert lr == 1.0 and type(lr) is float
 
 
-@pytest.mark.parametrize("key, value, problem", [
+BAD_TRAIN = [
     ("lr", 0, "is out of range; allowed: a number > 0"),
     ("lr", -0.1, "is out of range; allowed: a number > 0"),
     ("lr", "fast", "is not a number"),
@@ -83,13 +83,24 @@ def test_float_params_given_as_integers_become_floats(raw):
     ("swa_epochs", -2, "is out of range; allowed: an integer >= 0"),
     ("elastic", -0.5, "is out of range; allowed: pixels in [0, 4]"),
     ("elastic", 5, "is out of range; allowed: pixels in [0, 4]"),
-])
-def test_bad_train_value(raw, key, value, problem):
+]
+BAD_CALIBRATE = [
+    ("fits", 0, "is out of range; allowed: an integer >= 1 (networks fitted, whose scores are "
+                "averaged)"),
+    ("fits", 2.0, "is not an integer"),
+    ("max_passed", -1, "is out of range; allowed: an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("section, key, value, problem",
+                         [("train", *case) for case in BAD_TRAIN]
+                         + [("calibrate", *case) for case in BAD_CALIBRATE])
+def test_bad_value(raw, section, key, value, problem):
     bad = copy.deepcopy(raw)
-    bad["train"][key] = value
+    bad[section][key] = value
     with pytest.raises(StageError) as err:
         parse_params(bad)
-    assert str(err.value).startswith(f"params.yaml: train.{key} = {value!r} {problem}")
+    assert str(err.value).startswith(f"params.yaml: {section}.{key} = {value!r} {problem}")
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -126,20 +137,6 @@ def test_the_train_stage_refuses_them_before_any_work(tmp_path, line, message):
     proc = run_stage("stages.train", "--data", "x", "--models", "y", "--live", "z", cwd=tmp_path)
     assert assert_one_line_error(proc).startswith(message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
-
-
-@pytest.mark.parametrize("key, value, problem", [
-    ("fits", 0, "is out of range; allowed: an integer >= 1 (networks fitted, whose scores are "
-                "averaged)"),
-    ("fits", 2.0, "is not an integer"),
-    ("max_passed", -1, "is out of range; allowed: an integer >= 0"),
-])
-def test_bad_calibrate_value(raw, key, value, problem):
-    bad = copy.deepcopy(raw)
-    bad["calibrate"][key] = value
-    with pytest.raises(StageError) as err:
-        parse_params(bad)
-    assert str(err.value).startswith(f"params.yaml: calibrate.{key} = {value!r} {problem}")
 
 
 @pytest.mark.parametrize("value", [2**64 - 1, 2**64, -1])
