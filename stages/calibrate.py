@@ -408,10 +408,11 @@ def main() -> None:
     test = load_split(args.data / "test.pt")
     calibration = calibrate(reader, train, p, file_md5(args.model))
     metrics, passed = measure(calibration, reader, test, p)
-    write_json(args.ood, calibration.check.to_json())
-    write_json(args.metrics, metrics)
+    # the figure first: it is the likeliest to fail, and the check goes last
     caption = draw_passed(args.passed_png, passed, metrics["non_digits"]["all"]["images"],
                           p.max_passed)
+    write_json(args.metrics, metrics)
+    write_json(args.ood, calibration.check.to_json())
     test, others = metrics["digits"]["mnist_test"], metrics["non_digits"]["all"]
     photos = metrics["photos"]["all"]
     print(f"digit check: flags {test['flagged']:.2f} % of MNIST test digits and "
