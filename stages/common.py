@@ -27,12 +27,17 @@ class StageError(Exception):
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a command's main(), turning StageError into one line on stderr and exit 1."""
+    """Run a command's main(), turning StageError into one line on stderr and exit 1. A
+    reader of stdout that leaves early (`| head`) ends the command quietly, with exit 1."""
     sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
         main()
     except StageError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:
+        # what is still buffered for stdout would fail again at exit: send it nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
 
 

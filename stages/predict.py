@@ -77,6 +77,8 @@ def expand_paths(paths: list[Path]) -> list[Path | Failure]:
                            and p.suffix.lower() in suffixes
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             items += found or [Failure(str(path), "folder holds no image files")]
+        elif path.exists():  # a pipe, a socket, a device
+            items.append(Failure(str(path), "not a file or a folder"))
         else:
             items.append(Failure(str(path), "no such file or folder"))
     return items

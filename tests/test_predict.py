@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import warnings
 import sys
@@ -23,8 +24,9 @@ from helpers import REPO, run_stage
 from stages.common import StageError, run_cli, save_torch
 from stages.data import to_device
 from stages.model import Net, checkpoint
-from stages.predict import (Failure, Prediction, classify, grey_levels, load_model,
-                            load_predictor, main, predict_files, read_digit, to_mnist)
+from stages.predict import (Failure, Prediction, classify, expand_paths, grey_levels,
+                            load_model, load_predictor, main, predict_files, read_digit,
+                            to_mnist)
 
 font = functools.cache(ImageFont.load_default)
 
@@ -188,6 +190,28 @@ def test_mixed_folder_predicts_the_good_and_names_each_bad_file(model_path, tmp_
     assert all(line.startswith("error: ") for line in errors)
     lines = proc.stdout.splitlines()
     assert [line.split(": ")[0] for line in lines] == [str(p) for p in good]
+
+
+def test_a_path_that_is_neither_file_nor_folder_is_named_as_such(tmp_path):
+    fifo, missing = tmp_path / "pipe.png", tmp_path / "missing.png"
+    os.mkfifo(fifo)
+    assert [(f.path, f.error) for f in expand_paths([fifo, missing])] == [
+        (str(fifo), "not a file or a folder"), (str(missing), "no such file or folder")]
+
+
+@pytest.mark.slow
+def test_a_reader_that_leaves_early_ends_predict_quietly(model_path, tmp_path):
+    """`python -m stages.predict folder | head -1`: no BrokenPipeError traceback."""
+    folder, good, _ = mixed_folder(tmp_path)
+    env = {**{k: v for k, v in os.environ.items() if k != "MNIST_MIRROR"},
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.predict", *map(str, good * 20),
+                             "--model", str(model_path), "--ood", "none"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # gone before the first answer is written
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1
+    assert stderr == ""
 
 
 def run_main(argv: list[str], monkeypatch) -> int:
