@@ -161,6 +161,13 @@ def raw_response(status: int, doc: dict) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+def request_line(head: bytes) -> str:
+    """The first line of a request's HEAD as one printable line for the log (at most 80
+    characters; a line may end in a bare LF; control characters escaped)."""
+    line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")[:80]
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in line)
+
+
 class PageProtocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol with the page's limits: the Content-Length rules
     applied to the raw head, a deadline for the whole request, one request per
@@ -173,6 +180,7 @@ class PageProtocol(H11Protocol):
         self.drain_left = 0  # bytes of a refused body to read and drop
         self.timer: asyncio.TimerHandle | None = None
         self.cut_off = False
+        self.answered = False  # from the head alone, and logged
 
     def connection_made(self, transport) -> None:  # noqa: ANN001 - asyncio's signature
         super().connection_made(transport)
@@ -192,6 +200,9 @@ class PageProtocol(H11Protocol):
         if self.cycle is not None and not self.cycle.more_body:
             return  # the request is in: its answer is on the way
         self.cut_off = True
+        if self.answered:  # a refused body that did not all come: nothing more to say
+            self.transport.abort()
+            return
         log.warning("%s - request not received within %g s: connection cut", self.who(),
                     self.deadline)
         self.transport.abort()
@@ -215,8 +226,8 @@ class PageProtocol(H11Protocol):
             super().data_received(head)
             return
         # answered from the headers, before a byte of the body is read
-        self.access_logger.info('%s - "%s" %d', self.who(), head.split(b"\r\n", 1)[0].decode(
-            "latin-1")[:80], refused.status)
+        self.access_logger.info('%s - "%s" %d', self.who(), request_line(head), refused.status)
+        self.answered = True
         self.transport.write(raw_response(refused.status, {"error": str(refused)}))
         self.drain_left = refused.drain - (len(head) - end.end())
         if self.drain_left <= 0:
@@ -297,6 +308,8 @@ class PageApp:
             del chunks
             status, doc = await asyncio.get_running_loop().run_in_executor(
                 self.model, answer, body, self.predictor)
+        except asyncio.CancelledError:  # the server stops, and does not wait any longer
+            status, doc = HTTPStatus.SERVICE_UNAVAILABLE, {"error": "the server is stopping"}
         finally:
             self.holding -= 1
         await self.send_json(send, status, doc)
@@ -363,6 +376,9 @@ def main() -> None:
                              f"body (default {DEADLINE:g})")
     model_arguments(parser)
     args = parser.parse_args()
+    if not 0 <= args.port <= 65535:
+        raise StageError(f"--port {args.port}: give a port from 1 to 65535, or 0 for any free "
+                         "one")
     if not 0 < args.deadline < 1e6:
         raise StageError(f"--deadline {args.deadline:g}: give seconds, above 0 and "
                          "below 1,000,000")

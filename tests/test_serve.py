@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -330,6 +331,13 @@ def test_a_port_in_use_is_one_line(mnist_model, mnist_check, tmp_path):
     assert f"cannot listen on 127.0.0.1 port {port}" in line
 
 
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_one_line(tmp_path, port):
+    proc = run_stage("stages.serve", "--model", str(tmp_path / "none.pt"), "--port", port,
+                     cwd=tmp_path, timeout=60)
+    assert assert_one_line_error(proc).startswith(f"error: --port {port}: give a port from 1")
+
+
 def test_the_server_listens_on_loopback_unless_told(mnist_model, mnist_check):
     with serving("--model", str(mnist_model), "--ood", str(mnist_check[0])) as url:
         assert urlsplit(url).hostname == "127.0.0.1"
@@ -498,6 +506,42 @@ def test_a_trickling_client_is_cut_at_the_deadline(quick_server, part):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     conn.request("GET", "/")
     assert conn.getresponse().status == 200
+
+
+def test_refused_heads_are_logged_as_one_line_each(mnist_model, mnist_check, tmp_path):
+    """A head ending its lines in a bare LF is logged as its first line alone, control
+    characters escaped; a refused body that never comes is not logged again when the
+    deadline cuts its connection."""
+    log = tmp_path / "server.log"
+    with served(mnist_model, mnist_check, log, "--deadline", "1") as proc:
+        for head in (b"POST /predict?\x1b[2J HTTP/1.1\nHost: x\nContent-Length: -1\n\n",
+                     upload_head(MAX_BODY + 1)):  # 413, and the body is never sent
+            with socket.create_connection(("127.0.0.1", proc.port), timeout=5) as sock:
+                sock.sendall(head)
+                assert read_answer(sock)[0] in (400, 413)
+                time.sleep(1.5)  # past the deadline, the connection still open
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].endswith('"POST /predict?\\x1b[2J HTTP/1.1" 400'), lines
+    assert lines[1].endswith('"POST /predict HTTP/1.1" 413'), lines
+
+
+def test_an_upload_under_way_when_the_server_stops_is_answered_503(mnist_model, mnist_check,
+                                                                   mnist, tmp_path):
+    """Ctrl-C while a body is still coming in: after the grace period the upload gets a
+    503, and the log has no traceback."""
+    log = tmp_path / "server.log"
+    body = digit_png(mnist)
+    with served(mnist_model, mnist_check, log) as proc:
+        with socket.create_connection(("127.0.0.1", proc.port), timeout=30) as sock:
+            sock.sendall(upload_head(len(body)) + body[:3])
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            status, _, doc = read_answer(sock)
+        assert proc.wait(timeout=30) == 0
+    assert (status, doc) == (503, {"error": "the server is stopping"})
+    text = log.read_text()
+    assert "Traceback" not in text and "CancelledError" not in text, text
 
 
 N_LEAVERS = 10
