@@ -206,6 +206,8 @@ def load_check(path: Path, model_path: Path) -> DigitCheck:
     check = DigitCheck.from_json(read_json(path, "digit check"), str(path))
     if check.model_md5 != file_md5(model_path):
         raise StageError(f"{path}: the digit check was fitted for another checkpoint than "
-                         f"{model_path} (md5 differs); {FIX}, or pass --ood none to go "
-                         "without it")
+                         f"{model_path} (md5 differs); {FIX} if that is the pipeline's "
+                         f"model, or fit one for it (python -m stages.calibrate --model "
+                         f"{model_path} --ood CHECK.json --metrics M.json --passed-png P.png, "
+                         "then --ood CHECK.json), or pass --ood none to go without it")
     return check

@@ -117,8 +117,10 @@ def test_a_check_fitted_for_another_checkpoint_is_refused(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"weights")
     write_json(tmp_path / "ood.json", small_check().to_json())  # md5 0000...
     with pytest.raises(StageError, match=r"fitted for another checkpoint than .*model\.pt "
-                                         r"\(md5 differs\).*--ood none"):
+                                         r"\(md5 differs\).*--ood none") as err:
         load_check(tmp_path / "ood.json", tmp_path / "model.pt")
+    # dvc repro calibrate fits the pipeline's model only: the other one's command is given
+    assert f"python -m stages.calibrate --model {tmp_path / 'model.pt'} --ood " in str(err.value)
 
 
 def test_pen_strokes_trace_the_digit():
