@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import shutil
 import sys
 import tempfile
@@ -36,9 +37,18 @@ def run_cli(main: Callable[[], None]) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except BrokenPipeError:
+        if not stdout_is_gone():
+            raise  # another pipe or socket: not the reader of stdout leaving
         # what is still buffered for stdout would fail again at exit: send it nowhere
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+
+
+def stdout_is_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader has left."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 @contextmanager

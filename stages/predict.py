@@ -65,8 +65,8 @@ def image_suffixes() -> set[str]:
 
 def expand_paths(paths: list[Path]) -> list[Path | Failure]:
     """The files named, and the image files in the folders named (recursively, sorted,
-    hidden ones skipped), in order; a missing path or a folder without images is a
-    Failure in its place."""
+    hidden ones skipped), in order; a missing path, a folder without images, or a path
+    that is neither file nor folder (a pipe, a device) is a Failure in its place."""
     suffixes = image_suffixes()
     items: list[Path | Failure] = []
     for path in paths:
