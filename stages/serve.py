@@ -162,10 +162,12 @@ def raw_response(status: int, doc: dict) -> bytes:
 
 
 def request_line(head: bytes) -> str:
-    """The first line of a request's HEAD as one printable line for the log (at most 80
-    characters; a line may end in a bare LF; control characters escaped)."""
-    line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")[:80]
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in line)
+    """The first line of a request's HEAD (which may end its lines in a bare LF) as one
+    printable line for the log: control characters, backslashes and quotes as \\xNN, cut
+    to 80 characters."""
+    line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
+    return "".join(c if c.isprintable() and c not in '\\"' else f"\\x{ord(c):02x}"
+                   for c in line)[:80]
 
 
 class PageProtocol(H11Protocol):
@@ -290,7 +292,10 @@ class PageApp:
                                  {"error": f"busy: {self.bodies} images are being read; "
                                            f"try again in {RETRY_AFTER} s"},
                                  ("Retry-After", str(RETRY_AFTER)), more=True)
-            while (await receive()).get("more_body"):
+            try:
+                while (await receive()).get("more_body"):
+                    pass
+            except asyncio.CancelledError:  # the server stops: its answer is already out
                 pass
             await send({"type": "http.response.body", "body": b""})
             return
