@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -208,6 +209,7 @@ def load_check(path: Path, model_path: Path) -> DigitCheck:
         raise StageError(f"{path}: the digit check was fitted for another checkpoint than "
                          f"{model_path} (md5 differs); {FIX} if that is the pipeline's "
                          f"model, or fit one for it (python -m stages.calibrate --model "
-                         f"{model_path} --ood CHECK.json --metrics M.json --passed-png P.png, "
-                         "then --ood CHECK.json), or pass --ood none to go without it")
+                         f"{shlex.quote(str(model_path))} --ood CHECK.json --metrics "
+                         "CHECK.metrics.json --passed-png CHECK.png, then --ood CHECK.json), "
+                         "or pass --ood none to go without it")
     return check
