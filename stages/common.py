@@ -46,8 +46,12 @@ def run_cli(main: Callable[[], None]) -> None:
 
 def stdout_is_gone() -> bool:
     """Whether stdout is a pipe or socket whose reader has left."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # not a file: in memory
+        return False
     poller = select.poll()
-    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    poller.register(fd, select.POLLOUT)
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 

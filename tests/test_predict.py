@@ -7,6 +7,7 @@ Pillow's own font (rotated, resized and shifted), 28×28 white on black like MNI
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import subprocess
@@ -212,6 +213,18 @@ def test_a_reader_that_leaves_early_ends_predict_quietly(model_path, tmp_path):
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 1
     assert stderr == ""
+
+
+@pytest.mark.parametrize("stdout", ["a file", "in memory"])
+def test_a_broken_pipe_that_is_not_stdout_is_raised(monkeypatch, tmp_path, stdout):
+    """Only stdout's reader leaving is quiet: a socket's broken pipe is a bug to see."""
+    def main() -> None:
+        raise BrokenPipeError("a socket's")
+
+    if stdout == "in memory":
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO()))
+    with pytest.raises(BrokenPipeError, match="a socket's"):
+        run_cli(main)
 
 
 def run_main(argv: list[str], monkeypatch) -> int:
