@@ -202,11 +202,9 @@ class PageProtocol(H11Protocol):
         if self.cycle is not None and not self.cycle.more_body:
             return  # the request is in: its answer is on the way
         self.cut_off = True
-        if self.answered:  # a refused body that did not all come: nothing more to say
-            self.transport.abort()
-            return
-        log.warning("%s - request not received within %g s: connection cut", self.who(),
-                    self.deadline)
+        if not self.answered:  # a refused body that did not all come: already logged
+            log.warning("%s - request not received within %g s: connection cut", self.who(),
+                        self.deadline)
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:

@@ -109,14 +109,20 @@ class Mirror:
         self.gz(name).write_bytes(gz_bytes)
 
 
-def run_stage(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
-              timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m MODULE ARGS` in CWD with the repo importable; capture its output."""
+def stage_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a stage subprocess runs in: the repo importable, one thread, no
+    MNIST mirror, then ENV."""
     full_env = {k: v for k, v in os.environ.items() if k != "MNIST_MIRROR"}
     full_env["PYTHONPATH"] = str(REPO)
     full_env["OMP_NUM_THREADS"] = "1"
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env,
+    return full_env
+
+
+def run_stage(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m MODULE ARGS` in CWD with the repo importable; capture its output."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=stage_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from helpers import REPO, run_stage
+from helpers import REPO, run_stage, stage_env
 from stages.common import StageError, run_cli, save_torch
 from stages.data import to_device
 from stages.model import Net, checkpoint
@@ -204,10 +204,9 @@ def test_a_path_that_is_neither_file_nor_folder_is_named_as_such(tmp_path):
 def test_a_reader_that_leaves_early_ends_predict_quietly(model_path, tmp_path):
     """`python -m stages.predict folder | head -1`: no BrokenPipeError traceback."""
     folder, good, _ = mixed_folder(tmp_path)
-    env = {**{k: v for k, v in os.environ.items() if k != "MNIST_MIRROR"},
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "stages.predict", *map(str, good * 20),
-                             "--model", str(model_path), "--ood", "none"], cwd=tmp_path, env=env,
+                             "--model", str(model_path), "--ood", "none"], cwd=tmp_path,
+                            env=stage_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # gone before the first answer is written
     stderr = proc.stderr.read()
