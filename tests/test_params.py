@@ -345,8 +345,11 @@ def test_importing_any_stage_module_leaves_the_process_as_it_was(tmp_path):
             f"for name in {STAGES!r}: __import__(name)\n"
             "print(os.environ == before, torch.get_num_threads(), "
             "torch.backends.cpu.get_cpu_capability())")
+    # importing torchvision.datasets sets TORCHINDUCTOR_CACHE_DIR where it is unset (torch's
+    # own doing, not a stage's): set, as it is once any test has imported torchvision
     same, threads, capability = python_in(tmp_path, code, OMP_NUM_THREADS="1",
-                                          ATEN_CPU_CAPABILITY="default")
+                                          ATEN_CPU_CAPABILITY="default",
+                                          TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     assert (same, threads, capability) == ("True", "1", "DEFAULT")
 
 
