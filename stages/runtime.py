@@ -7,9 +7,13 @@ bits of every sum, and after a few hundred training steps every metric. On CUDA,
 cuDNN and cuBLAS may pick algorithms that add in a different order from run to run.
 So all three are params:
 
-- `cpu_isa: avx2` caps ATen, oneDNN and MKL at AVX2, which any x86-64 CPU of the last
-  decade has, so a run gives the same bytes on an AVX2 and an AVX-512 machine;
-  `native` lets each library pick the processor's best.
+- `cpu_isa: avx2` caps ATen and oneDNN at AVX2, which any x86-64 CPU of the last
+  decade has, so a run gives the same bytes on an AVX2 and an AVX-512 machine, and
+  puts MKL on its SSE2 `COMPATIBLE` branch: MKL's AVX2 branch runs only on Intel
+  processors (elsewhere MKL falls back to its own pick), and COMPATIBLE is its one
+  branch that gives the same results on Intel's and AMD's. Training calls no MKL
+  routine; the digit check's fit (matrix products) does. `native` lets each library
+  pick the processor's best.
 - `threads: N` sets torch's CPU threads (and OpenMP's and MKL's, for child processes).
 - `deterministic: true` makes torch use deterministic algorithms only
   (`torch.use_deterministic_algorithms`, cuDNN deterministic and not benchmarking,
@@ -27,9 +31,9 @@ from __future__ import annotations
 import os
 
 CPU_ISAS = ("avx2", "native")
-# each library's own variable for "use no instruction set above AVX2"
+# each library's own variable for "the same bytes on any x86-64 CPU with AVX2"
 ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                    "MKL_CBWR": "AVX2"}}
+                    "MKL_CBWR": "COMPATIBLE"}}
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # cuBLAS's documented setting for reproducible results (read when its handle is made)
 CUBLAS_ENV = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

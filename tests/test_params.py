@@ -317,7 +317,7 @@ def test_runtime_env_pins_the_instruction_set_and_threads():
     environ = {"ATEN_CPU_CAPABILITY": "avx512", "PATH": "/bin"}
     pin("avx2", 2, environ)
     assert environ == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                       "MKL_CBWR": "AVX2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                       "MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
                        "PATH": "/bin"}
     pin("native", 1, environ)
     assert environ == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PATH": "/bin"}
@@ -372,6 +372,17 @@ def test_apply_pins_the_runtime_after_the_stage_modules_are_imported(tmp_path, c
         assert found == capability
     if capability is None:  # native: the user's ATEN_CPU_CAPABILITY=default is not kept
         assert found != "DEFAULT"
+
+
+def test_avx2_puts_mkl_on_the_branch_that_intel_and_amd_share(tmp_path):
+    """MKL's AVX2 branch runs only on Intel processors; on AMD's, MKL picks its own, and
+    the digit check's fit (MKL's matrix products) came out otherwise. Its COMPATIBLE
+    branch is the same on both: MKL says which branch each call ran on."""
+    code = ("import torch\nfrom stages.params import RuntimeParams\n"
+            "from stages.runtime import apply\n"
+            "apply(RuntimeParams('avx2', 1, True))\ntorch.ones(64, 8) @ torch.ones(8, 64)")
+    words = python_in(tmp_path, code, MKL_VERBOSE="1")
+    assert [w for w in words if w.startswith("CNR:")] == ["CNR:COMPATIBLE"]
 
 
 @pytest.mark.skipif("avx512f" not in Path("/proc/cpuinfo").read_text(),
