@@ -91,6 +91,79 @@ def test_wait_for_queue_judges_only_its_own_tasks():
     assert starts == []
 
 
+class Clock:
+    """time.sleep and time.monotonic for experiments.queue: sleeping moves it on."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_wait_for_queue_returns_a_task_shown_running_with_no_worker_left(monkeypatch):
+    """DVC can show a task as Running for good after its worker is gone; the wait hands
+    it back once no worker has answered for lost_after_s, and not while one answers now
+    and then (a busy worker may miss a call)."""
+    import experiments.queue
+
+    clock = Clock()
+    monkeypatch.setattr(experiments.queue, "time", clock)
+    lost = status(("0000000", "seed-2", "Success"), ("ccccccc", "seed-3", "Running"), active=0)
+    polls = []
+
+    def polled() -> str:
+        polls.append(clock.now)
+        return lost
+
+    assert wait_for_queue({"0000000": "seed-2", "ccccccc": "seed-3"}, lambda: None,
+                          status=polled, poll_s=15, lost_after_s=60) == {"ccccccc"}
+    assert polls == [15, 30, 45, 60, 75]  # first seen alone at 15 s, lost 60 s later
+    busy = status(("ccccccc", "seed-3", "Running"), active=1)
+    done = status(("ccccccc", "seed-3", "Success"), active=0)
+    sequence = iter([lost] * 4 + [busy] + [lost] * 4 + [done])
+    assert wait_for_queue({"ccccccc": "seed-3"}, lambda: None, status=lambda: next(sequence),
+                          poll_s=15, lost_after_s=60) == set()
+
+
+class LosingQueue:
+    """DVC's queue as `sh` and `dvc queue status` show it, losing every task it is given:
+    each shows as Running with no worker, until killed."""
+
+    def __init__(self):
+        self.rows, self.commands = {}, []
+
+    def sh(self, *cmd: str, check: bool = True) -> None:
+        self.commands.append(cmd[1:3])
+        if cmd[1:4] == ("exp", "run", "--queue"):
+            self.rows[f"{len(self.rows):07x}"] = (cmd[cmd.index("-n") + 1], "Running")
+        elif cmd[1:3] == ("queue", "kill"):
+            self.rows[cmd[3]] = (self.rows[cmd[3]][0], "Failed")
+
+    def status(self) -> str:
+        return status(*((task, *row) for task, row in self.rows.items()), active=0)
+
+
+def test_a_run_lost_each_time_it_is_queued_again_fails_in_one_line(monkeypatch):
+    import experiments.queue
+
+    from experiments.queue import REQUEUES, run_queued
+
+    queue, clock = LosingQueue(), Clock()
+    monkeypatch.setattr(experiments.queue, "time", clock)
+    monkeypatch.setattr(experiments.queue, "sh", queue.sh)
+    with pytest.raises(StageError, match=r"^DVC's queue lost seed-3 \(shown as Running with no "
+                                         r"worker left\) after lost runs were queued again 2 "
+                                         r"times; see `dvc queue status`, and run again$"):
+        run_queued({"seed-3": ["-S", "train.seed=3"]}, jobs=1, status=queue.status)
+    assert REQUEUES == 2
+    assert queue.commands == [("exp", "run"), ("queue", "start"), ("queue", "kill")] * 3
+    assert [state for _, state in queue.rows.values()] == ["Failed"] * 3
+
+
 # --- the step commits, made by a real `dvc repro` in a small repository ---------
 
 SCORE = """\
@@ -184,6 +257,45 @@ def test_a_failed_run_on_the_queue_does_not_fail_a_later_one(step_repo):
     states = sorted(state for name, state in queue_tasks(queue_status()).values()
                     if name == "seed-3")
     assert states == ["Failed", "Success"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)  # a wait that misses the lost run never ends
+def test_a_run_whose_worker_is_killed_is_killed_and_queued_again(step_repo, capsys):
+    """A real queue whose worker is killed while it runs an experiment, as the
+    out-of-memory killer would: DVC shows the run as Running for good. run_queued kills
+    that task and queues the run again, which then succeeds."""
+    import os
+    import signal
+    import subprocess
+
+    from experiments.queue import (experiment_rev, queue_status, queue_tasks, read_at,
+                                   run_queued)
+
+    first = step_repo.parent / "first-run"  # the first run takes a while: long enough to kill
+    (step_repo / "score.py").write_text(
+        f"import os, pathlib, time\nfirst = pathlib.Path({str(first)!r})\n"
+        "if not first.exists():\n    first.touch()\n    time.sleep(10)\n"
+        "os.makedirs('metrics', exist_ok=True)\n" + SCORE)
+    subprocess.run(["git", "commit", "-qam", "the first score takes a while"], check=True)
+    killed = []
+
+    def status() -> str:
+        text = queue_status()
+        if not killed and "Running" in text:
+            for pid_file in (step_repo / ".dvc/tmp/exps/celery").glob("*.pid"):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                killed.append(pid_file.name)
+        return text
+
+    run_queued({"seed-4": ["-S", "train.lr=0.5"]}, jobs=1, status=status, poll_s=1,
+               lost_after_s=5)
+    assert killed
+    assert "DVC's queue lost seed-4: shown as Running with no worker left for 5 s; " \
+           "killed, and queued again" in capsys.readouterr().out
+    states = [state for name, state in queue_tasks(queue_status()).values() if name == "seed-4"]
+    assert len(states) == 2 and "Running" not in states and "Success" in states
+    assert '"accuracy": 140.0' in read_at(experiment_rev("seed-4"), "metrics/eval.json")
 
 
 def test_only_selects_steps_in_order_and_names_an_unknown_one():
