@@ -240,7 +240,7 @@ def test_commit_refuses_a_dirty_tree(step_repo):
 
 
 @pytest.mark.slow
-def test_a_failed_run_on_the_queue_does_not_fail_a_later_one(step_repo):
+def test_a_failed_run_on_the_queue_does_not_fail_a_later_one(step_repo, capsys):
     """A real queue: a run that fails, then the same name queued again with params that
     work. The old Failed row stays in `dvc queue status`; the second run succeeds."""
     import subprocess
@@ -256,7 +256,10 @@ def test_a_failed_run_on_the_queue_does_not_fail_a_later_one(step_repo):
     run_queued({"seed-3": ["-S", "train.lr=0.5"]}, jobs=1, poll_s=1)
     states = sorted(state for name, state in queue_tasks(queue_status()).values()
                     if name == "seed-3")
-    assert states == ["Failed", "Success"]
+    # the first run's worker, shutting down, can take the second and drop it: that one is
+    # killed (Failed) and queued again (the test below): 2 of 24 runs, six at once on 2 cores
+    lost = capsys.readouterr().out.count("DVC's queue lost seed-3")
+    assert states == ["Failed"] * (1 + lost) + ["Success"]
 
 
 @pytest.mark.slow
