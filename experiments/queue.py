@@ -37,7 +37,8 @@ def queue_tasks(text: str) -> dict[str, tuple[str, str]]:
 
 TASK_STATES = ("Queued", "Running", "Success", "Failed")
 PENDING = ("Queued", "Running")
-NO_WORKER = "Worker status: 0 active, 0 idle"
+NONE_ACTIVE = "Worker status: 0 active"  # no worker running a task
+NO_WORKER = NONE_ACTIVE + ", 0 idle"      # nor any waiting for one
 LOST_AFTER_S = 60.0  # a task shown as Running while no worker answers for this long is lost
 REQUEUES = 2         # times a lost run is queued again before the wait gives up
 
@@ -64,7 +65,7 @@ def wait_for_queue(tasks: dict[str, str], start_workers, status=queue_status,
         states = {task: rows.get(task, (name, "missing"))[1] for task, name in tasks.items()}
         if not any(state in PENDING for state in states.values()):
             break
-        if "Queued" in states.values() and "Worker status: 0 active" in text:
+        if "Queued" in states.values() and NONE_ACTIVE in text:
             start_workers()
         running = {task for task, state in states.items() if state == "Running"}
         if running and NO_WORKER in text:  # a busy worker may miss one call: time it
