@@ -98,9 +98,11 @@ class BadLength(Exception):
 def content_length(values: list[str] | None) -> int:
     """The body's length from the request's Content-Length headers: exactly one, a plain
     decimal (no sign, no hex, no underscores) of at most MAX_BODY bytes; else BadLength."""
-    if not values:
+    if not values:  # a body may follow all the same (chunked): read and drop it, as
+        # closing with it unread would reset the connection and may lose the answer
         raise BadLength(HTTPStatus.LENGTH_REQUIRED,
-                        "send the image file as the body, with its Content-Length")
+                        "send the image file as the body, with its Content-Length",
+                        drain=DRAIN_LIMIT)
     if len(values) > 1:
         raise BadLength(HTTPStatus.BAD_REQUEST,
                         f"{len(values)} Content-Length headers: send exactly one")

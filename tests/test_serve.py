@@ -310,6 +310,26 @@ def test_a_bad_content_length_is_refused_before_the_body_and_the_server_goes_on(
     conn.close()
 
 
+def test_a_body_sent_after_its_missing_length_was_refused_is_read_and_dropped(bare_server):
+    """A chunked POST has no Content-Length: it is answered 411 from its head. The body
+    the client goes on sending is read and dropped, and the server closes its end when
+    the client does; a server that closed at once would reset the connection, and a
+    client still sending could lose the answer."""
+    port = bare_server.server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.status == 411
+        assert "with its Content-Length" in json.loads(response.read())["error"]
+        time.sleep(0.2)  # the server has done what it does after its answer
+        for part in (b"5\r\nhello\r\n", b"0\r\n\r\n"):
+            sock.sendall(part)
+            time.sleep(0.1)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
+
+
 def test_a_missing_checkpoint_stops_the_server_before_it_listens(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
