@@ -37,8 +37,7 @@ def queue_tasks(text: str) -> dict[str, tuple[str, str]]:
 
 TASK_STATES = ("Queued", "Running", "Success", "Failed")
 PENDING = ("Queued", "Running")
-NONE_ACTIVE = "Worker status: 0 active"  # no worker running a task
-NO_WORKER = NONE_ACTIVE + ", 0 idle"      # nor any waiting for one
+NO_WORKER = "Worker status: 0 active, 0 idle"  # no worker answered DVC's call
 LOST_AFTER_S = 60.0  # a task shown as Running while no worker answers for this long is lost
 REQUEUES = 2         # times a lost run is queued again before the wait gives up
 
@@ -50,14 +49,17 @@ def wait_for_queue(tasks: dict[str, str], start_workers, status=queue_status,
     Only these tasks count: other entries of the queue, running or failed, from
     earlier runs or other people, are left alone. DVC's workers sometimes all stop
     while tasks are still queued (treeverse/dvc#10562); START_WORKERS() starts them
-    again then, if one of TASKS is among them.
+    again then, if one of TASKS is among them, once no worker has answered two polls
+    in a row. A busy worker can miss one call, and `dvc queue start` starts a second
+    worker of the same number beside one that misses its own check: more workers
+    than --jobs, on cores that are already full.
 
     A task can also be lost: shown as Running for good, with no worker left to run it.
     A worker that is shutting down because the queue was empty can take a task queued
     in that moment and exit without running it; a worker killed from outside (out of
     memory) leaves its task so too. Where some of TASKS have been Running with no
     worker for LOST_AFTER_S, the wait returns their ids; otherwise an empty set."""
-    alone_since = None
+    alone_since, none_before = None, False
     while True:
         time.sleep(poll_s)
         text = status()
@@ -65,10 +67,12 @@ def wait_for_queue(tasks: dict[str, str], start_workers, status=queue_status,
         states = {task: rows.get(task, (name, "missing"))[1] for task, name in tasks.items()}
         if not any(state in PENDING for state in states.values()):
             break
-        if "Queued" in states.values() and NONE_ACTIVE in text:
+        none_now = NO_WORKER in text
+        if "Queued" in states.values() and none_now and none_before:
             start_workers()
+        none_before = none_now
         running = {task for task, state in states.items() if state == "Running"}
-        if running and NO_WORKER in text:  # a busy worker may miss one call: time it
+        if running and none_now:  # a busy worker may miss one call: time it
             alone_since = time.monotonic() if alone_since is None else alone_since
             if time.monotonic() - alone_since >= lost_after_s:
                 return running

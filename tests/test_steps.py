@@ -56,26 +56,47 @@ def test_a_step_missing_a_field_fails(tmp_path):
         load_steps(path, PARAMS)
 
 
-def status(*rows: tuple[str, str, str], active: int) -> str:
+def status(*rows: tuple[str, str, str], active: int, idle: int = 0) -> str:
     """`dvc queue status` as DVC prints it, for ROWS of (task id, name, status)."""
     lines = ["Task     Name    Created    Status"]
     lines += [f"{task}  {name}  11:33 PM   {state}" for task, name, state in rows]
-    return "\n".join(lines + ["", f"Worker status: {active} active, 0 idle"])
+    return "\n".join(lines + ["", f"Worker status: {active} active, {idle} idle"])
 
 
 def test_wait_for_queue_restarts_workers_that_stopped_early_and_reports_failures():
-    """DVC's workers can all exit with tasks still queued; the wait starts them again."""
+    """DVC's workers can all exit with tasks still queued; the wait starts them again
+    once no worker has answered two polls in a row."""
+    done, queued = ("aaaaaaa", "step-1", "Success"), ("bbbbbbb", "step-2", "Queued")
     sequence = iter([
-        status(("aaaaaaa", "step-1", "Running"), ("bbbbbbb", "step-2", "Queued"), active=1),
-        status(("aaaaaaa", "step-1", "Success"), ("bbbbbbb", "step-2", "Queued"), active=0),
-        status(("aaaaaaa", "step-1", "Success"), ("bbbbbbb", "step-2", "Running"), active=1),
-        status(("aaaaaaa", "step-1", "Success"), ("bbbbbbb", "step-2", "Failed"), active=0),
+        status(("aaaaaaa", "step-1", "Running"), queued, active=1),
+        status(done, queued, active=0),
+        status(done, queued, active=0),
+        status(done, ("bbbbbbb", "step-2", "Running"), active=1),
+        status(done, ("bbbbbbb", "step-2", "Failed"), active=0),
     ])
     starts = []
     with pytest.raises(StageError, match="experiments step-2 failed"):
         wait_for_queue({"aaaaaaa": "step-1", "bbbbbbb": "step-2"}, lambda: starts.append(1),
                        status=lambda: next(sequence), poll_s=0)
     assert starts == [1]
+
+
+def test_wait_for_queue_starts_no_worker_beside_one_that_answers_or_missed_one_call():
+    """A worker shown idle, or a busy one that missed a single call, is still there:
+    `dvc queue start` would start a second worker of its number beside it."""
+    running, queued = ("aaaaaaa", "seed-1", "Running"), ("bbbbbbb", "seed-2", "Queued")
+    sequence = iter([
+        status(running, queued, active=0, idle=1),
+        status(running, queued, active=0),
+        status(running, queued, active=0, idle=1),
+        status(running, queued, active=0),
+        status(running, queued, active=1),
+        status(("aaaaaaa", "seed-1", "Success"), ("bbbbbbb", "seed-2", "Success"), active=0),
+    ])
+    starts = []
+    wait_for_queue({"aaaaaaa": "seed-1", "bbbbbbb": "seed-2"}, lambda: starts.append(1),
+                   status=lambda: next(sequence), poll_s=0)
+    assert starts == []
 
 
 def test_wait_for_queue_judges_only_its_own_tasks():
