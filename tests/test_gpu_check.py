@@ -115,8 +115,6 @@ def test_the_check_imports_without_dvc_dvclive_or_torchinfo():
     assert proc.returncode == 0 and proc.stdout == "imported\n", proc.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this would run the CUDA tests")
 def cases(test) -> int:
     """How many tests pytest collects from one test function: one per parametrized case."""
     n = 1
@@ -126,6 +124,8 @@ def cases(test) -> int:
     return n
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this would run the CUDA tests")
 def test_the_cuda_tests_subprocess_reports_every_test_skipped_here(monkeypatch):
     """The exact pytest command the check runs, here: every CUDA test is collected and
     skipped with conftest's reason (and pyproject's timeout option, without the
