@@ -34,7 +34,8 @@ An ssh:// remote is not checked by DVC until it transfers: a wrong key is an
 "unexpected error" with a support link, a host that does not answer hangs for DVC's
 default connect timeout, 30 minutes, and the server's host key is never checked (DVC
 connects with `known_hosts=None`). So before DVC runs, this logs in through DVC's own
-SSH filesystem, with the remote's settings, a 5-second timeout and the host keys of
+SSH filesystem, with the remote's settings, its `timeout` where set (else 5 seconds;
+DVC's own default of 30 minutes is the hang this avoids) and the host keys of
 $KNOWN_HOSTS (default ~/.ssh/known_hosts): an unknown host or a changed key is refused
 before any key is offered, and the remote's folder must exist there. Other remotes
 (s3://, ...) are not checked.
@@ -63,7 +64,8 @@ from urllib.parse import urlparse
 NOWHERE = "missing"
 # `dvc status`: an output whose object the local cache lacks
 NOT_IN_CACHE = "not in cache"
-# seconds to connect and log in to an ssh:// remote before DVC runs
+# seconds to connect and log in to an ssh:// remote before DVC runs, unless the remote
+# sets its own `timeout`
 SSH_TIMEOUT = 5
 # the host keys an ssh:// remote's server must have: the file this names, else this
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
@@ -186,15 +188,21 @@ def read_known_hosts(path: Path):
         raise ShareError(f"cannot read the known hosts in {path}: {err}") from None
 
 
+def login_timeout(settings: dict) -> int:
+    """Seconds to connect and log in to an ssh:// remote of SETTINGS: its own `timeout`
+    (`dvc remote modify NAME timeout 30`, for a slow server), else SSH_TIMEOUT."""
+    return int(settings.get("timeout") or SSH_TIMEOUT)
+
+
 def ssh_filesystem(settings: dict, known_hosts):
-    """DVC's filesystem for an ssh:// remote, with SSH_TIMEOUT for connecting and logging
-    in, and the remote's folder on the host. It connects on first use, and checks the
+    """DVC's filesystem for an ssh:// remote, with login_timeout() for connecting and
+    logging in, and the remote's folder on the host. It connects on first use, and checks the
     server's host key against KNOWN_HOSTS (asyncssh's SSHKnownHosts) before logging in:
     DVC itself passes `known_hosts=None`, which trusts any key."""
     from dvc.fs import get_cloud_fs
 
     cls, fs_config, path = get_cloud_fs(None, **settings)
-    fs = cls(**{**fs_config, "timeout": SSH_TIMEOUT})
+    fs = cls(**{**fs_config, "timeout": login_timeout(settings)})
     fs.fs_args["known_hosts"] = known_hosts  # the keyword arguments of asyncssh.connect
     return fs, path
 
@@ -214,8 +222,8 @@ def untrusted_host_key(where: str, host: str, port: int, known_hosts, path: Path
 
 
 def check_ssh(name: str, settings: dict) -> None:
-    """Log in to an ssh:// remote as DVC will, within SSH_TIMEOUT, after checking its host
-    key, and find its folder."""
+    """Log in to an ssh:// remote as DVC will, within login_timeout(), after checking its
+    host key, and find its folder."""
     try:
         import asyncssh
     except ImportError:
@@ -241,7 +249,9 @@ def check_ssh(name: str, settings: dict) -> None:
                f"no keyfile set (`dvc remote modify --local {name} keyfile PATH`)")
         raise ShareError(f"{where}: authentication failed for {login}: {why}") from None
     except TimeoutError:
-        raise ShareError(f"{where}: no answer from {address} within {SSH_TIMEOUT} s") from None
+        raise ShareError(f"{where}: no answer from {address} within "
+                         f"{login_timeout(settings)} s (for a slow server: `dvc remote "
+                         f"modify --local {name} timeout SECONDS`)") from None
     except socket.gaierror as err:
         raise ShareError(f"{where}: cannot resolve {host}: {err.strerror}") from None
     except OSError as err:
