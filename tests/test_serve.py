@@ -503,9 +503,9 @@ def test_a_trickling_client_is_cut_at_the_deadline(quick_server, part):
     port = quick_server.server_address[1]
     trickle = [b"X-Slow: %d\r\n" % i for i in range(40)] if part == "headers" else \
         [b"\x00"] * 40
+    began = time.monotonic()  # before the server's clock starts, at its accept
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(upload_head(1000)[:-2] if part == "headers" else upload_head(1000))
-        began = time.monotonic()
         cut = None
         for piece in trickle:  # 12 s at most
             ready, _, _ = select.select([sock], [], [], 0.3)
@@ -522,7 +522,7 @@ def test_a_trickling_client_is_cut_at_the_deadline(quick_server, part):
             except (BrokenPipeError, ConnectionResetError):
                 cut = time.monotonic() - began
                 break
-    assert cut is not None and 1.5 < cut < 6, f"cut after {cut} s (deadline 2 s)"
+    assert cut is not None and 1.9 < cut < 10, f"cut after {cut} s (deadline 2 s)"
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     conn.request("GET", "/")
     assert conn.getresponse().status == 200
@@ -533,7 +533,7 @@ def test_refused_heads_are_logged_as_one_line_each(mnist_model, mnist_check, tmp
     characters escaped; a refused body that never comes is not logged again when the
     deadline cuts its connection."""
     log = tmp_path / "server.log"
-    with served(mnist_model, mnist_check, log, "--deadline", "1") as proc:
+    with served(mnist_model, mnist_check, log, "--deadline", "3") as proc:
         for head in (b"POST /predict?\x1b[2J HTTP/1.1\nHost: x\nContent-Length: -1\n\n",
                      upload_head(MAX_BODY + 1)):  # 413, and the body is never sent
             with socket.create_connection(("127.0.0.1", proc.port), timeout=5) as sock:
