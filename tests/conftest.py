@@ -16,6 +16,7 @@ read by the others (`helpers.made_once`).
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -31,6 +32,11 @@ from helpers import Mirror, idx_bytes, made_once, md5, raw_arrays, write_raw_dir
 # The tests' tensors are tiny: one thread is faster, and does not fight a training
 # run in the background for the cores.
 torch.set_num_threads(1)
+
+# After each command DVC starts a process that sends a usage report over the network,
+# unless told not to: the suite's own repositories (tests/test_steps.py polls `dvc queue
+# status` every second) would start one per call. tests/clones.py's clones say so too.
+os.environ["DVC_NO_ANALYTICS"] = "1"
 
 # DVC sets up its console logging on its first import, writing to the sys.stdout and
 # sys.stderr of that moment. Imported above, at the start of each worker, it writes to
