@@ -59,7 +59,7 @@ def wait_for_queue(tasks: dict[str, str], start_workers, status=queue_status,
     in that moment and exit without running it; a worker killed from outside (out of
     memory) leaves its task so too. Where some of TASKS have been Running with no
     worker for LOST_AFTER_S, the wait returns their ids; otherwise an empty set."""
-    alone_since, none_before = None, False
+    alone_since = None  # when no worker answered, in every poll since
     while True:
         time.sleep(poll_s)
         text = status()
@@ -67,17 +67,17 @@ def wait_for_queue(tasks: dict[str, str], start_workers, status=queue_status,
         states = {task: rows.get(task, (name, "missing"))[1] for task, name in tasks.items()}
         if not any(state in PENDING for state in states.values()):
             break
-        none_now = NO_WORKER in text
-        if "Queued" in states.values() and none_now and none_before:
-            start_workers()
-        none_before = none_now
-        running = {task for task, state in states.items() if state == "Running"}
-        if running and none_now:  # a busy worker may miss one call: time it
-            alone_since = time.monotonic() if alone_since is None else alone_since
-            if time.monotonic() - alone_since >= lost_after_s:
-                return running
-        else:
+        if NO_WORKER not in text:
             alone_since = None
+            continue
+        if alone_since is None:  # a busy worker may miss one call: wait for the next
+            alone_since = time.monotonic()
+            continue
+        if "Queued" in states.values():
+            start_workers()
+        running = {task for task, state in states.items() if state == "Running"}
+        if running and time.monotonic() - alone_since >= lost_after_s:
+            return running
     failed = [tasks[task] for task, state in states.items() if state not in ("Success",)]
     if failed:
         raise StageError(f"experiments {', '.join(failed)} failed; see `dvc queue logs NAME`")
