@@ -17,6 +17,11 @@ The fit uses FITTED MNIST training digits (PHOTOS of them also photographed), ty
 digits and non-digits from `seed`; the threshold is the score that a share FALSE_FLAGS
 of HELD_OUT other training digits exceeds. Measuring uses the test split and images
 from `seed + 1`.
+
+Image files are read (stages/sheet.py, most of the stage's time) and the check's
+networks fitted in one process for each core the stage may use, up to 4. What a file
+gives depends on it alone, and each network starts here from the seed's draws in turn,
+so the outputs are the same bytes with any number of processes.
 """
 
 from __future__ import annotations
@@ -24,7 +29,11 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import multiprocessing
+import os
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -53,24 +62,61 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def read_files(files: Iterable[bytes]) -> tuple[torch.Tensor, list[int], int]:
-    """Image FILES read as predict reads a file: uint8 digits (N, 28, 28) of those read,
-    their indices in FILES, and how many files there were in all (the others were
-    refused: blank, or no ink worth the name)."""
+BATCH = 256  # files handed to the processes at a time, so that few are held at once
+WORKERS = 4  # processes at most: each holds about 340 MB (torch's libraries), and beyond
+             # 4 the stage's own process, which makes the photos, keeps them waiting
+
+
+def digit_or_none(data: bytes) -> np.ndarray | None:
+    """The 28×28 digit in image file DATA, or None where predict would refuse it."""
+    try:
+        return read_digit(data)
+    except StageError:
+        return None
+
+
+def mapped(function, items: Iterable, pool: Executor | None) -> Iterator:
+    """FUNCTION of each of ITEMS, in order: in POOL's processes, BATCH at a time, or here.
+    Each result depends on its item alone, so it is the same either way."""
+    if pool is None:
+        yield from map(function, items)
+        return
+    items = iter(items)
+    while batch := list(islice(items, BATCH)):
+        yield from pool.map(function, batch, chunksize=8)
+
+
+def read_files(files: Iterable[bytes], pool: Executor | None = None
+               ) -> tuple[torch.Tensor, list[int], int]:
+    """Image FILES read as predict reads a file (in POOL's processes, if given): uint8
+    digits (N, 28, 28) of those read, their indices in FILES, and how many files there
+    were in all (the others were refused: blank, or no ink worth the name)."""
     digits, read, total = [], [], 0
-    for i, data in enumerate(files):
+    for i, digit in enumerate(mapped(digit_or_none, files, pool)):
         total += 1
-        try:
-            digits.append(torch.from_numpy(read_digit(data)))
+        if digit is not None:
+            digits.append(torch.from_numpy(digit))
             read.append(i)
-        except StageError:
-            pass
     return (torch.stack(digits) if digits else torch.zeros(0, 28, 28, dtype=torch.uint8)), read, total
 
 
-def framed(images: torch.Tensor) -> torch.Tensor:
-    """MNIST digits (N, 28, 28) framed again as predict frames an image file's digit."""
-    return torch.stack([torch.from_numpy(to_mnist(d.astype(np.float64))) for d in images.numpy()])
+def _framed_one(digit: np.ndarray) -> np.ndarray:
+    return to_mnist(digit.astype(np.float64))
+
+
+def framed(images: torch.Tensor, pool: Executor | None = None) -> torch.Tensor:
+    """MNIST digits (N, 28, 28) framed again as predict frames an image file's digit (in
+    POOL's processes, if given)."""
+    return torch.stack([torch.from_numpy(d) for d in mapped(_framed_one, images.numpy(), pool)])
+
+
+def worker_pool(processes: int | None = None) -> ProcessPoolExecutor:
+    """PROCESSES that read images and fit the check's networks for a Reader: by default
+    one for each core this process may use, up to WORKERS. They start afresh (spawn),
+    with this process's environment, which apply_runtime() has pinned."""
+    processes = processes or min(WORKERS, len(os.sched_getaffinity(0)))
+    return ProcessPoolExecutor(max_workers=processes,
+                               mp_context=multiprocessing.get_context("spawn"))
 
 
 @dataclass
@@ -97,10 +143,12 @@ class Group:
 
 
 class Reader:
-    """Features of digits for one loaded model."""
+    """Features of digits for one loaded model; image files are read, and the check's
+    networks fitted, in POOL's processes if given (the features are computed here)."""
 
-    def __init__(self, model: torch.nn.Module, mean: float, std: float):
-        self.model, self.mean, self.std = model, mean, std
+    def __init__(self, model: torch.nn.Module, mean: float, std: float,
+                 pool: Executor | None = None):
+        self.model, self.mean, self.std, self.pool = model, mean, std, pool
 
     def digits(self, digits: torch.Tensor, labels: torch.Tensor | None = None,
                total: int | None = None) -> Group:
@@ -110,7 +158,7 @@ class Reader:
 
     def files(self, files: Iterable[bytes], labels: torch.Tensor | None = None) -> Group:
         """Image FILES (their bytes), read as predict reads them; LABELS: of each file."""
-        digits, read, total = read_files(files)
+        digits, read, total = read_files(files, self.pool)
         return self.digits(digits, None if labels is None else labels[read], total)
 
     def images(self, images: list[Image.Image], labels: torch.Tensor | None = None) -> Group:
@@ -159,8 +207,8 @@ def calibrate(reader: Reader, train: tuple[torch.Tensor, torch.Tensor], p: Calib
                          "digits; lower them")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(p.seed))
     fit_order, held_order = order[:p.fitted], order[p.fitted:p.fitted + p.held_out]
-    fitted = reader.digits(framed(images[fit_order]))
-    held_out = reader.digits(framed(images[held_order]))
+    fitted = reader.digits(framed(images[fit_order], reader.pool))
+    held_out = reader.digits(framed(images[held_order], reader.pool))
     typed = reader.images(typed_digits(p.typed, p.seed)[0])
     photos = reader.files(fitting_photos(images[fit_order[:p.photos]], p.seed))
     others = [reader.images(make(kind, p.per_kind, p.seed)).feats for kind in KINDS]
@@ -170,7 +218,7 @@ def calibrate(reader: Reader, train: tuple[torch.Tensor, torch.Tensor], p: Calib
     digits = torch.cat([fitted.feats, typed.feats, photos.feats])
     check = rounded(fit(digits, others, hidden=p.hidden, fits=p.fits,
                         steps=p.steps, lr=p.lr, weight_decay=p.weight_decay, seed=p.seed,
-                        model_md5=model_md5))
+                        model_md5=model_md5, pool=reader.pool))
     threshold = torch.quantile(check.scores(held_out.feats), 1 - p.false_flags,
                                interpolation="higher").item()
     return Calibration(replace(check, threshold=threshold), fitted, labels[fit_order], held_out)
@@ -260,7 +308,7 @@ def measure(calibration: Calibration, reader: Reader, test: tuple[torch.Tensor, 
     images, labels = test
     picked = evenly(p.drawn, len(images))
     pen = [drawn(pen_strokes(d), PAGE_SCALE, PAGE_PEN, PAGE_SIDE) for d in images[picked].numpy()]
-    digits = {"mnist_test": reader.digits(framed(images), labels),
+    digits = {"mnist_test": reader.digits(framed(images, reader.pool), labels),
               "typed": reader.images(typed_digits(p.typed, seed)[0]),
               "drawn": reader.images(pen, labels[picked])}
     picked = evenly(p.photo_sets, len(images))
@@ -403,11 +451,12 @@ def main() -> None:
     apply_runtime(params.runtime)
     p = params.calibrate
     model, mean, std = load_model(args.model)
-    reader = Reader(model, mean, std)
     train = load_split(args.data / "train.pt")
     test = load_split(args.data / "test.pt")
-    calibration = calibrate(reader, train, p, file_md5(args.model))
-    metrics, passed = measure(calibration, reader, test, p)
+    with worker_pool() as pool:
+        reader = Reader(model, mean, std, pool)
+        calibration = calibrate(reader, train, p, file_md5(args.model))
+        metrics, passed = measure(calibration, reader, test, p)
     # the figure first: it is the likeliest to fail, and the check goes last
     caption = draw_passed(args.passed_png, passed, metrics["non_digits"]["all"]["images"],
                           p.max_passed)

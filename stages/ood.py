@@ -29,7 +29,9 @@ from __future__ import annotations
 import hashlib
 import math
 import shlex
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -156,21 +158,28 @@ class DigitCheck:
 
 
 def fit(digits: torch.Tensor, others: torch.Tensor, hidden: int, fits: int, steps: int,
-        lr: float, weight_decay: float, seed: int, model_md5: str) -> DigitCheck:
+        lr: float, weight_decay: float, seed: int, model_md5: str,
+        pool: Executor | None = None) -> DigitCheck:
     """A check fitted to tell feature rows DIGITS (label 0) from OTHERS (label 1), each
     side weighted as much as the other; its threshold is left at +inf.
 
     FITS networks of HIDDEN units are fitted, each from the next draws of SEED's
     generator, and the check's score is the mean of theirs: one hidden layer of
     FITS × HIDDEN units whose output weights are divided by FITS. One fit's score
-    depends on its start: the non-digits it passes change from seed to seed."""
+    depends on its start: the non-digits it passes change from seed to seed. The
+    networks start here, one after the other; they are fitted in POOL's processes, if
+    given, which compute as this one does (the environment that apply_runtime() pinned)."""
     x = torch.cat([digits, others])
     y = torch.cat([torch.zeros(len(digits)), torch.ones(len(others))])
     weight = torch.where(y == 1, 0.5 / len(others), 0.5 / len(digits))
     centre, scale = x.mean(dim=0), x.std(dim=0).clamp(min=1e-6)
     z = (x - centre) / scale
     torch.manual_seed(seed)
-    nets = [_fitted_net(z, y, weight, hidden, steps, lr, weight_decay) for _ in range(fits)]
+    starts = [nn.Sequential(nn.Linear(z.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 1))
+              for _ in range(fits)]
+    fitting = partial(_fitted_net, z=z, y=y, weight=weight, steps=steps, lr=lr,
+                      weight_decay=weight_decay)
+    nets = list(pool.map(fitting, starts) if pool is not None else map(fitting, starts))
     return DigitCheck(model_md5=model_md5, centre=centre, scale=scale,
                       hidden=torch.cat([first.weight for first, _ in nets]),
                       hidden_bias=torch.cat([first.bias for first, _ in nets]),
@@ -179,11 +188,10 @@ def fit(digits: torch.Tensor, others: torch.Tensor, hidden: int, fits: int, step
                       threshold=math.inf)
 
 
-def _fitted_net(z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, hidden: int,
+def _fitted_net(net: nn.Sequential, z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                 steps: int, lr: float, weight_decay: float) -> tuple[nn.Linear, nn.Linear]:
-    """One network's two layers, fitted by full-batch Adam to the rows Z (labels Y,
-    weighted by WEIGHT), from torch's generator as it stands; without gradients."""
-    net = nn.Sequential(nn.Linear(z.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    """The two layers of NET (linear, ReLU, linear), fitted from where it starts by
+    full-batch Adam to the rows Z (labels Y, weighted by WEIGHT); without gradients."""
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         loss = nn.functional.binary_cross_entropy_with_logits(net(z).squeeze(1), y,

@@ -14,12 +14,13 @@ from PIL import Image
 
 from conftest import QUICK_CHECK
 from stages.calibrate import (PAGE_PEN, PAGE_SCALE, PAGE_SIDE, Reader, draw_passed, framed,
-                              measure, one_network, photo_table, table)
+                              measure, one_network, photo_table, worker_pool, table)
 from stages.common import StageError, write_json
 from stages.model import Net
 from stages.ood import (DigitCheck, activations, features, file_md5, fit, ink_statistics,
                         load_check, rounded)
 from stages.params import CalibrateParams
+from stages.runtime import THREAD_ENV
 from stages.predict import (NOT_A_DIGIT, Failure, classify, format_result, load_model,
                             load_predictor, normalise, predict_digits, predict_files)
 from stages.photos import DEGRADATIONS, NON_DIGITS, STYLES
@@ -253,6 +254,23 @@ def test_the_check_is_as_deterministic_as_the_model(mnist, mnist_model, mnist_ch
     first, again = (calibrate(reader, mnist["train"], p, file_md5(mnist_model)).check.to_json()
                     for _ in range(2))
     assert json.dumps(first) == json.dumps(again)
+
+
+def test_a_check_fitted_in_other_processes_is_the_one_fitted_here(monkeypatch):
+    """The calibrate stage fits its networks in a pool of processes, which start from
+    this process's environment: the same file, byte for byte, as fitted here."""
+    for name in THREAD_ENV:  # as apply_runtime() pins them for the stage
+        monkeypatch.setenv(name, "1")
+    rng = torch.Generator().manual_seed(0)
+    digits = torch.randn(300, 12, generator=rng)
+    others = torch.randn(200, 12, generator=rng) + 0.5
+    args = dict(hidden=8, fits=3, steps=40, lr=0.01, weight_decay=1e-4, seed=3, model_md5="x")
+    here = fit(digits, others, **args)
+    with worker_pool(2) as pool:
+        there = fit(digits, others, **args, pool=pool)
+    assert json.dumps(rounded(here).to_json()) == json.dumps(rounded(there).to_json())
+    # each network starts from its own draws of the seed's generator
+    assert not torch.equal(here.hidden[:8], here.hidden[8:16])
 
 
 def test_made_up_images_change_with_the_seed():

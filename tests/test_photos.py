@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from stages.calibrate import Reader, photo_set, read_files
+from stages import calibrate
+from stages.calibrate import Reader, framed, photo_set, read_files, worker_pool
 from stages.common import StageError
 from stages.photos import (DEGRADATIONS, NON_DIGITS, STYLES, non_digit_photos, photograph,
                            restroked)
@@ -98,6 +99,22 @@ def test_each_degradation_leaves_the_digit_as_on_a_clean_sheet(mnist, clean_digi
     # the desk moves and shrinks the whole digit (about 40 grey levels)
     assert np.median(difference) < 12 and (difference < 25).mean() >= 0.9, \
         f"mean difference per digit: {np.round(difference, 1).tolist()}"
+
+
+def test_files_read_in_other_processes_are_read_as_here(mnist, monkeypatch):
+    """The calibrate stage reads its photos and frames MNIST digits in a pool of
+    processes: the same digits, in the same order, the same files refused, as here."""
+    files = [*photo_set(mnist["test"][0][:5], SEED, frozenset(DEGRADATIONS)), b"",
+             *non_digit_photos("blank", 3, SEED), b"not an image",
+             *non_digit_photos("scribble", 3, SEED)]
+    monkeypatch.setattr(calibrate, "BATCH", 4)  # the files go out in several batches
+    with worker_pool(2) as pool:
+        there = read_files(iter(files), pool)
+        framed_there = framed(mnist["test"][0][:9], pool)
+    here = read_files(files)
+    assert here[2] == there[2] == len(files) and 8 <= len(here[1]) < len(files)
+    assert here[1] == there[1] and torch.equal(here[0], there[0])
+    assert torch.equal(framed_there, framed(mnist["test"][0][:9]))
 
 
 @pytest.fixture(scope="module")
