@@ -32,6 +32,8 @@ import math
 import multiprocessing
 import os
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -110,13 +112,23 @@ def framed(images: torch.Tensor, pool: Executor | None = None) -> torch.Tensor:
     return torch.stack([torch.from_numpy(d) for d in mapped(_framed_one, images.numpy(), pool)])
 
 
-def worker_pool(processes: int | None = None) -> ProcessPoolExecutor:
+@contextmanager
+def worker_pool(processes: int | None = None) -> Iterator[ProcessPoolExecutor]:
     """PROCESSES that read images and fit the check's networks for a Reader: by default
     one for each core this process may use, up to WORKERS. They start afresh (spawn),
-    with this process's environment, which apply_runtime() has pinned."""
+    with this process's environment, which apply_runtime() has pinned. One that dies (the
+    kernel kills the largest process when memory runs out) ends the work in one line."""
     processes = processes or min(WORKERS, len(os.sched_getaffinity(0)))
-    return ProcessPoolExecutor(max_workers=processes,
-                               mp_context=multiprocessing.get_context("spawn"))
+    with ProcessPoolExecutor(max_workers=processes,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            yield pool
+        except BrokenProcessPool:
+            raise StageError(f"one of the {processes} processes reading images or fitting "
+                             "the digit check died before it was done (killed, perhaps for "
+                             "want of memory: each holds about 340 MB); free memory, or use "
+                             "fewer cores (taskset -c 0 dvc repro calibrate runs one)"
+                             ) from None
 
 
 @dataclass
@@ -187,6 +199,19 @@ def fitting_photos(images: torch.Tensor, seed: int) -> Iterator[bytes]:
         yield photograph(digit / 255, [seed, i], some_degradations(rng), style)
 
 
+def check_sizes(p: CalibrateParams, n_train: int, n_test: int | None) -> None:
+    """Refuse, in one line, params that ask for more digits than the split holds (N_TRAIN
+    training digits, N_TEST test digits, if known)."""
+    if p.fitted + p.held_out > n_train:
+        raise StageError(f"params.yaml: calibrate.fitted + calibrate.held_out = "
+                         f"{p.fitted + p.held_out:,} is more than the {n_train:,} training "
+                         "digits; lower them")
+    for name in ("drawn", "photo_sets"):
+        if n_test is not None and getattr(p, name) > n_test:
+            raise StageError(f"params.yaml: calibrate.{name} = {getattr(p, name):,} is more "
+                             f"than the {n_test:,} test digits it picks from; lower it")
+
+
 @dataclass
 class Calibration:
     check: DigitCheck
@@ -201,10 +226,7 @@ def calibrate(reader: Reader, train: tuple[torch.Tensor, torch.Tensor], p: Calib
     digits, non-digits and photos of non-digits from p.seed, with its threshold set on
     the held-out training digits."""
     images, labels = train
-    if p.fitted + p.held_out > len(images):
-        raise StageError(f"params.yaml: calibrate.fitted + calibrate.held_out = "
-                         f"{p.fitted + p.held_out:,} is more than the {len(images):,} training "
-                         "digits; lower them")
+    check_sizes(p, len(images), None)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(p.seed))
     fit_order, held_order = order[:p.fitted], order[p.fitted:p.fitted + p.held_out]
     fitted = reader.digits(framed(images[fit_order], reader.pool))
@@ -453,6 +475,7 @@ def main() -> None:
     model, mean, std = load_model(args.model)
     train = load_split(args.data / "train.pt")
     test = load_split(args.data / "test.pt")
+    check_sizes(p, len(train[0]), len(test[0]))
     with worker_pool() as pool:
         reader = Reader(model, mean, std, pool)
         calibration = calibrate(reader, train, p, file_md5(args.model))

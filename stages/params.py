@@ -175,6 +175,14 @@ class CalibrateParams:
     max_passed: int = _rule(lambda v: v >= 0, "an integer >= 0 (non-digits that the check "
                             "passes, drawn)")
 
+    def check(self) -> None:
+        """The rule that ties two keys together; the sizes of the data are checked by
+        the stage, which reads it (stages/calibrate.py: check_sizes)."""
+        if self.photos > self.fitted:
+            raise StageError(f"params.yaml: calibrate.photos {self.photos} is more than "
+                             f"calibrate.fitted {self.fitted}; the photos are of the training "
+                             "digits fitted: lower photos or raise fitted")
+
 
 @dataclass(frozen=True)
 class Params:
@@ -245,6 +253,7 @@ def parse_params(raw) -> Params:
     params = Params(**{name: _section(globals()[f.type], name, raw[name])
                        for name, f in sections.items()})
     params.train.check()
+    params.calibrate.check()
     return params
 
 

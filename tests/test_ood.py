@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 
 from conftest import QUICK_CHECK
 from stages.calibrate import (PAGE_PEN, PAGE_SCALE, PAGE_SIDE, Reader, draw_passed, framed,
-                              measure, one_network, photo_table, worker_pool, table)
+                              mapped, measure, one_network, photo_table, worker_pool, table)
 from stages.common import StageError, write_json
 from stages.model import Net
 from stages.ood import (DigitCheck, activations, features, file_md5, fit, ink_statistics,
@@ -272,6 +273,16 @@ def test_a_check_fitted_in_other_processes_is_the_one_fitted_here(monkeypatch):
     # each network starts from its own draws of the seed's generator
     assert not torch.equal(here.hidden[:8], here.hidden[8:16])
 
+
+
+def test_a_process_of_the_pool_that_dies_ends_the_work_in_one_line():
+    """A process killed under the stage (by the kernel, for want of memory) is a
+    one-line error that says what to do, not a traceback."""
+    with pytest.raises(StageError) as err, worker_pool(2) as pool:
+        list(mapped(os._exit, [3, 3], pool))  # each process leaves as if killed
+    message = str(err.value)
+    assert "\n" not in message
+    assert "died" in message and "taskset -c 0 dvc repro calibrate" in message
 
 def test_made_up_images_change_with_the_seed():
     for kind in KINDS:

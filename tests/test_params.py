@@ -151,6 +151,19 @@ def test_bad_calibrate_seed(raw, value):
                               "uses seed + 1")
 
 
+
+def test_more_photos_of_training_digits_than_digits_fitted_is_one_line(raw):
+    """The photos are of the digits fitted: more of them was once cut to calibrate.fitted
+    without a word."""
+    bad = copy.deepcopy(raw)
+    bad["calibrate"].update(fitted=2000, photos=2001)
+    with pytest.raises(StageError, match=re.escape(
+            "params.yaml: calibrate.photos 2001 is more than calibrate.fitted 2000; the "
+            "photos are of the training digits fitted: lower photos or raise fitted")):
+        parse_params(bad)
+    bad["calibrate"]["photos"] = 2000
+    assert parse_params(bad).calibrate.photos == 2000
+
 def test_the_calibrate_stage_refuses_a_seed_it_cannot_add_one_to(raw, tmp_path):
     """What once ended in an "Overflow when unpacking long long" traceback."""
     bad = copy.deepcopy(raw)
@@ -405,3 +418,21 @@ def test_bad_runtime_values_are_one_line_errors(raw):
     bad["runtime"].update(cpu_isa="avx2", threads=0)
     with pytest.raises(StageError, match=r"runtime\.threads = 0 is out of range"):
         parse_params(bad)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"fitted": 50000, "held_out": 10001}, "calibrate.fitted + calibrate.held_out = 60,001 is "
+                                           "more than the 60,000 training digits; lower them"),
+    ({"photo_sets": 10001}, "calibrate.photo_sets = 10,001 is more than the 10,000 test "
+                            "digits it picks from; lower it"),
+    ({"drawn": 10001}, "calibrate.drawn = 10,001 is more than the 10,000 test digits"),
+])
+def test_the_calibrate_stage_refuses_more_digits_than_a_split_holds(raw, changes, message):
+    """Once, photo_sets and drawn above 10,000 were cut to the test split without a word."""
+    from stages.calibrate import check_sizes
+
+    check_sizes(parse_params(raw).calibrate, 60_000, 10_000)  # the committed params pass
+    bad = copy.deepcopy(raw)
+    bad["calibrate"].update(changes)
+    with pytest.raises(StageError, match=re.escape(f"params.yaml: {message}")):
+        check_sizes(parse_params(bad).calibrate, 60_000, 10_000)
