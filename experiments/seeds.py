@@ -49,17 +49,37 @@ def seed_result(acc: pd.Series) -> dict:
             "best_epoch": int(acc.idxmax()), "epochs": int(acc.index[-1])}
 
 
+def recipe(params: dict) -> dict:
+    """What seeds of PARAMS (params.yaml, as the stages read it) share: `train.KEY` but
+    the seed, and `runtime.KEY`."""
+    shared = {f"train.{k}": v for k, v in params["train"].items() if k != "seed"}
+    shared.update({f"runtime.{k}": v for k, v in params["runtime"].items()})
+    return shared
+
+
 def summarise(results: dict[int, dict], params: dict) -> dict:
     """The seeds.json document: per seed, then min, median and mean of the finals."""
     finals = [r["final"] for r in results.values()]
-    shared = {f"train.{k}": v for k, v in params["train"].items() if k != "seed"}
-    shared.update({f"runtime.{k}": v for k, v in params["runtime"].items()})
     return {
         "seeds": {str(seed): r for seed, r in sorted(results.items())},
         "final": {"min": min(finals), "median": round(statistics.median(finals), 4),
                   "mean": round(statistics.fmean(finals), 4), "n": len(finals)},
-        "params": shared,
+        "params": recipe(params),
     }
+
+
+def other_recipe(doc: dict, params: dict) -> list[str]:
+    """How the recipe that seeds.json DOC measured differs from PARAMS, the params.yaml
+    of the same commit: `train.lr 0.2 where params.yaml has 0.01` for each key that DOC
+    recorded and PARAMS sets otherwise (a key added to params.yaml after the seeds ran
+    does not count); empty when the file measured that commit's own recipe. A commit can
+    carry a seeds.json made for another recipe: the step commits hold the one of the
+    recipe that was current when they were made."""
+    studied, current = doc.get("params") or {}, recipe(params)
+    return [f"{key} {value} where params.yaml has "
+            + (f"{current[key]}" if key in current else "no such key")
+            for key, value in sorted(studied.items())
+            if key not in current or current[key] != value]
 
 
 def read_results(seeds: list[int], baseline: str = "HEAD") -> tuple[dict[int, dict], dict]:

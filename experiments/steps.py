@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import subprocess
 from pathlib import Path
 
-from experiments.queue import experiment_rev, output, run_queued, sh
+from experiments.queue import experiment_rev, output, read_at, run_queued, sh
+from experiments.seeds import SEEDS_JSON, other_recipe
 from stages.common import StageError, run_cli
-from stages.params import parse_params, read_yaml
+from stages.params import parse_params, read_yaml, read_yaml_text
 
 STEPS_FILE = Path(__file__).with_name("steps.yaml")
 PARAMS_FILE = Path("params.yaml")
@@ -122,9 +124,35 @@ def step_rev(name: str) -> str:
     return f"HEAD^{{/^{name}:}}"
 
 
+def foreign_seed_studies(revs: list[str]) -> list[str]:
+    """A line for each of REVS whose metrics/seeds.json measured another recipe than
+    its params.yaml's: the step commits before the last hold the seed study of the
+    recipe that was current when they were made, not their own."""
+    lines = []
+    for rev in revs:
+        try:
+            study = read_at(rev, str(SEEDS_JSON))
+        except StageError:  # no seed study there
+            continue
+        params = read_yaml_text(read_at(rev, str(PARAMS_FILE)), f"{rev}:{PARAMS_FILE}")
+        if other := other_recipe(json.loads(study), params):
+            lines.append(f"{rev}: {SEEDS_JSON} measured another recipe than its "
+                         f"{PARAMS_FILE} ({', '.join(other[:3])}{', …' * (len(other) > 3)})")
+    return lines
+
+
 def compare(steps: dict) -> None:
+    """`dvc metrics diff` and `dvc params diff` of the first step against the last; a seed
+    study that is not the step's own is left out of the metrics, with a line that says
+    so."""
     first, last = (step_rev(name) for name in (list(steps)[0], list(steps)[-1]))
-    sh("dvc", "metrics", "diff", first, last)
+    targets = []
+    if foreign := foreign_seed_studies([first, last]):
+        for line in foreign:
+            print(f"{line}: left out of the metrics diff", flush=True)
+        targets = ["--targets", *(path for path in read_yaml(Path("dvc.yaml"))["metrics"]
+                                  if path != str(SEEDS_JSON))]
+    sh("dvc", "metrics", "diff", first, last, *targets)
     sh("dvc", "params", "diff", first, last)
 
 

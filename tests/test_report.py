@@ -228,6 +228,39 @@ def test_without_seeds_json_the_noise_is_unknown(tiny):
         "seed-to-seed SDs (0.05): ")
 
 
+
+def test_the_noise_comes_from_a_revisions_own_seed_study_or_says_whose_it_is(tmp_path):
+    """The step commits carry the seeds.json of the recipe that was current when they
+    were made. The report takes a revision's own study where there is one, and names
+    the recipe of one that is not."""
+    from experiments.seeds import summarise
+
+    env = make_env(tmp_path)
+    root = tmp_path / "repo"
+    sh("git", "init", "-q", "-b", "main", str(root), cwd=tmp_path, env=env)
+    (root / "metrics").mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    study = summarise({i: {"final": acc} for i, acc in enumerate((99.5, 99.55, 99.6), 1)},
+                      params)  # SD 0.05, of this recipe
+    (root / "metrics" / "seeds.json").write_text(json.dumps(study))
+    for lr, title in ((params["train"]["lr"], "base"), (0.5, "head")):  # the study stays
+        params["train"]["lr"] = lr
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        sh("git", "add", "-A", cwd=root, env=env)
+        sh("git", "commit", "-qm", title, cwd=root, env=env)
+    base = report.resolve(root, "base", "HEAD^")
+    head = report.resolve(root, "head", "HEAD")
+    diff = {"metrics/eval.json": {"accuracy": {"old": 99.5, "new": 99.38, "diff": -0.12}}}
+    own = report.noise_markdown(root, base, head, diff)  # head's is not its own: base's
+    assert own == [f"Test accuracy (`metrics/eval.json` `accuracy`), head − base: −0.12, "
+                   f"2.4 seed-to-seed SDs (0.05): the standard deviation of the final test "
+                   f"accuracy over the 3 seeds of `metrics/seeds.json` at {base.label}; a "
+                   f"difference between two single runs spreads √2 times as much."]
+    [other] = report.noise_markdown(root, head, head, diff)
+    assert (f"over the 3 seeds of `metrics/seeds.json` at {head.label}, which measured "
+            f"another recipe than that revision's `params.yaml` (train.lr "
+            f"{study['params']['train.lr']} where params.yaml has 0.5); a difference") in other
+
 FAKE_DVC = """#!/bin/sh
 # `dvc status` tells the test that the report is in its temporary worktree, then waits
 # there for the signal; any other dvc command finds nothing changed
@@ -305,11 +338,12 @@ needs_history = pytest.mark.skipif(docs.is_shallow(REPO), reason=(
 @pytest.fixture
 def clone(tmp_path) -> tuple:
     """A fresh clone of this repository, with no DVC remote, and with the working tree's
-    Makefile and tools/report.py, so that they are what runs on the committed steps."""
+    Makefile, tools/report.py and experiments/seeds.py (which the report reads seed
+    studies with), so that they are what runs on the committed steps."""
     env = make_env(tmp_path)
     path = tmp_path / "clone"
     sh("git", "clone", "-q", str(REPO), str(path), cwd=tmp_path, env=env)
-    for name in ("Makefile", "tools/report.py"):
+    for name in ("Makefile", "tools/report.py", "experiments/seeds.py"):
         shutil.copy(REPO / name, path / name)
     return path, env
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from experiments.seeds import parse_seeds, seed_result, summarise, table
+from experiments.seeds import other_recipe, parse_seeds, seed_result, summarise, table
 from helpers import REPO
 from stages.common import StageError
 
@@ -62,3 +62,18 @@ def test_the_params_of_a_seed_run_are_read_as_the_stages_read_them(tmp_path, mon
     from tools.docs import params_drift
     from stages.params import read_yaml
     assert params_drift(doc["params"], read_yaml(REPO / "params.yaml")) == []
+
+
+def test_a_seed_study_of_another_recipe_is_told_from_the_commits_own():
+    """A commit can carry the seeds.json of another recipe (the step commits carry the
+    one that was current when they were made): what differs is named, key by key."""
+    params = {"train": {"lr": 0.2, "epochs": 15, "seed": 1}, "runtime": {"threads": 1}}
+    doc = summarise({1: {"final": 99.5}, 2: {"final": 99.6}}, params)
+    assert other_recipe(doc, params) == []
+    assert other_recipe(doc, {**params, "train": {**params["train"], "seed": 7}}) == []
+    # a key that params.yaml gained after the seeds ran is not a difference
+    later = {**params, "train": {**params["train"], "scale": 0.0}}
+    assert other_recipe(doc, later) == []
+    other = {"train": {"lr": 0.01, "seed": 1}, "runtime": {"threads": 1}}
+    assert other_recipe(doc, other) == ["train.epochs 15 where params.yaml has no such key",
+                                        "train.lr 0.2 where params.yaml has 0.01"]

@@ -331,3 +331,43 @@ def test_only_selects_steps_in_order_and_names_an_unknown_one():
     assert select(steps, None) is steps
     with pytest.raises(StageError, match="--only step-9: no step step-9 in steps.yaml"):
         select(steps, "step-9")
+
+
+def test_compare_leaves_out_a_seed_study_that_is_not_the_steps_own(step_repo, capfd):
+    """Step commits carry metrics/seeds.json as it was when they were made: here step 1
+    carries step 2's study. `compare` says so and leaves it out of the metrics diff,
+    which would otherwise show step 2's seeds against step 1's as a change."""
+    import json
+    import subprocess
+
+    from experiments.seeds import summarise
+    from experiments.steps import compare, foreign_seed_studies
+
+    def commit(lr, accuracy, seeds, message):
+        params = yaml.safe_load(PARAMS.read_text())
+        params["train"]["lr"] = lr
+        (step_repo / "params.yaml").write_text(yaml.safe_dump(params))
+        (step_repo / "metrics" / "eval.json").write_text(json.dumps({"accuracy": accuracy}))
+        (step_repo / "metrics" / "seeds.json").write_text(json.dumps(seeds))
+        subprocess.run(["git", "add", "-A"], check=True)
+        subprocess.run(["git", "commit", "-qm", message], check=True)
+        return params
+
+    dvc_yaml = yaml.safe_load((step_repo / "dvc.yaml").read_text())
+    dvc_yaml["metrics"].append("metrics/seeds.json")
+    (step_repo / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml))
+    second = yaml.safe_load(PARAMS.read_text())
+    second["train"]["lr"] = 0.05
+    study = summarise({1: {"final": 99.5}, 2: {"final": 99.6}}, second)
+    commit(0.01, 91.0, study, "step-1: First")
+    commit(0.05, 95.0, {**study, "final": {**study["final"], "mean": 99.4}}, "step-2: Second")
+
+    assert foreign_seed_studies(["HEAD^{/^step-2:}"]) == []
+    [line] = foreign_seed_studies(["HEAD^{/^step-1:}", "HEAD^{/^step-2:}"])
+    assert line == ("HEAD^{/^step-1:}: metrics/seeds.json measured another recipe than "
+                    "its params.yaml (train.lr 0.05 where params.yaml has 0.01)")
+    capfd.readouterr()
+    compare(load_steps(step_repo / "steps.yaml", step_repo / "params.yaml"))
+    out = capfd.readouterr().out
+    assert f"{line}: left out of the metrics diff" in out
+    assert "accuracy" in out and "seeds.json" not in out.split("left out")[1]

@@ -30,9 +30,11 @@ from typing import Iterator
 import pandas as pd
 import yaml
 
+from experiments.seeds import other_recipe
 from stages.common import StageError, atomic_dir, run_cli, write_text
 from stages.figures import plt, save_png
 from stages.history import metric_path, read_metric
+from stages.params import read_yaml_text
 from stages.plot import CURVES
 from tools.docs import DASH, LIVE_DIR, git_text, is_shallow
 
@@ -152,6 +154,19 @@ def seed_spread(text: str) -> tuple[float, int]:
     return statistics.stdev(finals), len(finals)
 
 
+def foreign_recipe(root: Path, rev: Revision, text: str) -> list[str]:
+    """How the recipe that REV's seeds.json (TEXT) measured differs from REV's own
+    params.yaml (experiments.seeds.other_recipe); empty when it is REV's recipe, or when
+    either file cannot be read as such (seed_spread() reports an unreadable seeds.json)."""
+    params_text = read_at(root, rev, ["params.yaml"])[0].get("params.yaml")
+    try:
+        doc = json.loads(text)
+        params = read_yaml_text(params_text or "", f"{rev.label}:params.yaml")
+        return other_recipe(doc, params) if isinstance(doc, dict) else []
+    except (ValueError, StageError, TypeError, KeyError, AttributeError):
+        return []
+
+
 def minus(text: str) -> str:
     return text.replace("-", "−")
 
@@ -182,24 +197,31 @@ def noise_markdown(root: Path, base: Revision, head: Revision, diff: dict) -> li
     changes = test_accuracy_changes(diff)
     if not changes:
         return []
-    for rev in (head, base):
-        texts, _ = read_at(root, rev, [SEEDS])
-        if SEEDS in texts:
-            break
-    else:
+    studies = [(rev, texts[SEEDS]) for rev in (head, base)
+               if SEEDS in (texts := read_at(root, rev, [SEEDS])[0])]
+    if not studies:
         return [f"Test accuracy ({', '.join(keys)}), head − base: {minus(f'{change:+.2f}')}; "
                 f"the seed-to-seed spread is unknown: neither revision has `{SEEDS}` "
                 "(`make seeds` measures it)." for change, keys in changes.items()]
+    # a revision's own recipe first: a commit can carry the seed study of another one
+    others = {rev.role: foreign_recipe(root, rev, text) for rev, text in studies}
+    rev, text = next(((rev, text) for rev, text in studies if not others[rev.role]),
+                     studies[0])
     try:
-        sd, n = seed_spread(texts[SEEDS])
+        sd, n = seed_spread(text)
     except StageError as err:
         return [f"{rev.label}: {err}: the seed-to-seed spread is unknown."]
     if sd == 0:
         return [f"{rev.label}: the {n} seeds of `{SEEDS}` scored alike: the seed-to-seed "
                 "spread is unknown."]
+    recipe = ""
+    if others[rev.role]:
+        shown = others[rev.role][:3] + (["…"] if len(others[rev.role]) > 3 else [])
+        recipe = (f", which measured another recipe than that revision's `params.yaml` "
+                  f"({', '.join(shown)})")
     source = (f"the standard deviation of the final test accuracy over the {n} seeds of "
-              f"`{SEEDS}` at {rev.label}; a difference between two single runs spreads "
-              "√2 times as much")
+              f"`{SEEDS}` at {rev.label}{recipe}; a difference between two single runs "
+              "spreads √2 times as much")
     return [f"Test accuracy ({', '.join(keys)}), head − base: {against_spread(change, sd)}: "
             f"{source}." for change, keys in changes.items()]
 
