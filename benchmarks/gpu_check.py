@@ -456,20 +456,24 @@ def _runner(run: dict) -> str:
     return DASH
 
 
+def cuda_tests_text(results: dict) -> str:
+    """How the CUDA tests of a results dict went: "4 passed, 1 failed, 0 skipped", or the
+    part's status where they did not run ("skipped", "not run")."""
+    tests = results.get("cuda_tests", {})
+    if tests.get("status") in ("ok", "failed"):
+        return (f"{tests['passed']} passed, {tests['failed'] + tests['errors']} failed, "
+                f"{tests['skipped']} skipped")
+    return tests.get("status", "not run")
+
+
 def gpu_table(results: dict) -> str:
     """A caption line and a markdown table of a gpu_check results dict (schema 1 or 2):
     one column per training run; the train stage's process times and the benchmark's
     (a)/(b) in the column of the settings they ran."""
     env = results.get("environment", {})
-    tests = results.get("cuda_tests", {})
-    if tests.get("status") in ("ok", "failed"):
-        tests_text = (f"{tests['passed']} passed, {tests['failed'] + tests['errors']} failed, "
-                      f"{tests['skipped']} skipped")
-    else:
-        tests_text = tests.get("status", "not run")
     caption = (f"{env.get('gpu') or 'no GPU (' + str(env.get('device')) + ')'}, "
                f"{torch_text(env)}, CUDA {env.get('cuda') or DASH}, {measured(results)}; "
-               f"CUDA tests: {tests_text}.")
+               f"CUDA tests: {cuda_tests_text(results)}.")
     names = list(results.get("train", {}))
     runs = [results["train"][name] for name in names]
     bench = results.get("benchmark", {})
@@ -508,8 +512,9 @@ def gpu_table(results: dict) -> str:
 
 
 def gpu_summary(results: dict) -> str:
-    """One sentence of a results dict for README: the GPU, when and at which commit, and
-    each training run's 15-epoch time, runner and final accuracy."""
+    """One sentence of a results dict for README: the GPU, when and at which commit,
+    each training run's 15-epoch time, runner and final accuracy, and how the CUDA tests
+    went."""
     env = results.get("environment", {})
     epochs = results.get("params", {}).get("epochs", DASH)
     runs = [f"{_runner(run)} {run['wall_s']:.1f} s ({run['final_test_acc']:.2f} %)"
@@ -519,7 +524,8 @@ def gpu_summary(results: dict) -> str:
                f"{'bit-identical' if stage['bit_identical'] else 'not bit-identical'}"
                if stage.get("status") in ("ok", "failed") else "")
     return (f"{env.get('gpu') or 'no GPU'} ({torch_text(env)}), {measured(results)}: "
-            f"{epochs} epochs in process took {', '.join(runs) or DASH}{process}. Details: "
+            f"{epochs} epochs in process took {', '.join(runs) or DASH}{process}; CUDA "
+            f"tests: {cuda_tests_text(results)}. Details: "
             "[docs/performance.md](docs/performance.md#measured).")
 
 

@@ -296,7 +296,12 @@ def test_gpu_summary_is_one_sentence_of_the_runs():
         "NVIDIA H100 80GB HBM3 (torch 2.14.1+cu130), measured 2026-12-01 at commit abc1234: "
         "15 epochs in process took CUDA graphs 5.5 s (99.52 %), eager 40.0 s (99.38 %), "
         "torch.compile 75.2 s (99.41 %); the train stage as a whole process 11.0 s, two runs "
-        "bit-identical. Details: [docs/performance.md](docs/performance.md#measured).")
+        "bit-identical; CUDA tests: 9 passed, 0 failed, 0 skipped. Details: "
+        "[docs/performance.md](docs/performance.md#measured).")
+    # a failed CUDA test is in README's sentence, not only in the table of docs/performance.md
+    results = gpu_results()
+    results["cuda_tests"].update(status="failed", passed=8, failed=1)
+    assert "; CUDA tests: 8 passed, 1 failed, 0 skipped. Details: " in gpu_summary(results)
 
 
 def test_the_summary_of_a_check_from_before_the_cuda_graph_runner_says_so():
