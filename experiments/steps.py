@@ -135,7 +135,12 @@ def foreign_seed_studies(revs: list[str]) -> list[str]:
         except StageError:  # no seed study there
             continue
         params = read_yaml_text(read_at(rev, str(PARAMS_FILE)), f"{rev}:{PARAMS_FILE}")
-        if other := other_recipe(json.loads(study), params):
+        try:
+            doc = json.loads(study)
+        except ValueError as err:
+            raise StageError(f"{rev}:{SEEDS_JSON} is not JSON ({err}); compare that commit's "
+                             "file by hand") from None
+        if other := other_recipe(doc, params):
             lines.append(f"{rev}: {SEEDS_JSON} measured another recipe than its "
                          f"{PARAMS_FILE} ({', '.join(other[:3])}{', …' * (len(other) > 3)})")
     return lines

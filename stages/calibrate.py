@@ -124,11 +124,12 @@ def worker_pool(processes: int | None = None) -> Iterator[ProcessPoolExecutor]:
         try:
             yield pool
         except BrokenProcessPool:
-            raise StageError(f"one of the {processes} processes reading images or fitting "
-                             "the digit check died before it was done (killed, perhaps for "
-                             "want of memory: each holds about 340 MB); free memory, or use "
-                             "fewer cores (taskset -c 0 dvc repro calibrate runs one)"
-                             ) from None
+            which = f"one of the {processes} processes" if processes > 1 else "the process"
+            fewer = (", or use fewer cores (taskset -c 0 dvc repro calibrate runs one)"
+                     if processes > 1 else "")
+            raise StageError(f"{which} reading images or fitting the digit check died before "
+                             "it was done (killed, perhaps for want of memory: each holds "
+                             f"about 340 MB); free memory{fewer}") from None
 
 
 @dataclass

@@ -282,7 +282,14 @@ def test_a_process_of_the_pool_that_dies_ends_the_work_in_one_line():
         list(mapped(os._exit, [3, 3], pool))  # each process leaves as if killed
     message = str(err.value)
     assert "\n" not in message
-    assert "died" in message and "taskset -c 0 dvc repro calibrate" in message
+    assert message.startswith("one of the 2 processes reading images or fitting the digit "
+                              "check died before it was done")
+    assert message.endswith("free memory, or use fewer cores (taskset -c 0 dvc repro "
+                            "calibrate runs one)")
+    with pytest.raises(StageError) as err, worker_pool(1) as pool:
+        list(mapped(os._exit, [3], pool))
+    assert str(err.value).startswith("the process reading images")
+    assert str(err.value).endswith("free memory")
 
 def test_made_up_images_change_with_the_seed():
     for kind in KINDS:
