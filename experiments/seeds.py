@@ -13,6 +13,7 @@ the minimum, median and mean of the finals, and the params the seeds shared.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 from pathlib import Path
@@ -80,6 +81,23 @@ def other_recipe(doc: dict, params: dict) -> list[str]:
             + (f"{current[key]}" if key in current else "no such key")
             for key, value in sorted(studied.items())
             if key not in current or current[key] != value]
+
+
+def study_recipe(study: str, params: str, source: str) -> list[str]:
+    """other_recipe() of a commit's seeds.json and params.yaml, given as their texts
+    STUDY and PARAMS; SOURCE (the commit's name) opens the one-line error for a file
+    that cannot be read as such."""
+    try:
+        doc = json.loads(study)
+    except ValueError as err:
+        raise StageError(f"{source}:{SEEDS_JSON} is not JSON ({err}); compare that commit's "
+                         "file by hand") from None
+    recipe_params = read_yaml_text(params, f"{source}:params.yaml")
+    try:
+        return other_recipe(doc, recipe_params)
+    except (TypeError, KeyError, AttributeError) as err:
+        raise StageError(f"{source}: {SEEDS_JSON} or params.yaml is not laid out as "
+                         f"expected ({type(err).__name__}: {err})") from None
 
 
 def read_results(seeds: list[int], baseline: str = "HEAD") -> tuple[dict[int, dict], dict]:

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import subprocess
 from pathlib import Path
 
 from experiments.queue import experiment_rev, output, read_at, run_queued, sh
-from experiments.seeds import SEEDS_JSON, other_recipe
+from experiments.seeds import SEEDS_JSON, study_recipe
 from stages.common import StageError, run_cli
-from stages.params import parse_params, read_yaml, read_yaml_text
+from stages.params import parse_params, read_yaml
 
 STEPS_FILE = Path(__file__).with_name("steps.yaml")
 PARAMS_FILE = Path("params.yaml")
@@ -134,13 +133,7 @@ def foreign_seed_studies(revs: list[str]) -> list[str]:
             study = read_at(rev, str(SEEDS_JSON))
         except StageError:  # no seed study there
             continue
-        params = read_yaml_text(read_at(rev, str(PARAMS_FILE)), f"{rev}:{PARAMS_FILE}")
-        try:
-            doc = json.loads(study)
-        except ValueError as err:
-            raise StageError(f"{rev}:{SEEDS_JSON} is not JSON ({err}); compare that commit's "
-                             "file by hand") from None
-        if other := other_recipe(doc, params):
+        if other := study_recipe(study, read_at(rev, str(PARAMS_FILE)), rev):
             lines.append(f"{rev}: {SEEDS_JSON} measured another recipe than its "
                          f"{PARAMS_FILE} ({', '.join(other[:3])}{', …' * (len(other) > 3)})")
     return lines

@@ -30,11 +30,10 @@ from typing import Iterator
 import pandas as pd
 import yaml
 
-from experiments.seeds import other_recipe
+from experiments.seeds import study_recipe
 from stages.common import StageError, atomic_dir, run_cli, write_text
 from stages.figures import plt, save_png
 from stages.history import metric_path, read_metric
-from stages.params import read_yaml_text
 from stages.plot import CURVES
 from tools.docs import DASH, LIVE_DIR, git_text, is_shallow
 
@@ -154,16 +153,14 @@ def seed_spread(text: str) -> tuple[float, int]:
     return statistics.stdev(finals), len(finals)
 
 
-def foreign_recipe(root: Path, rev: Revision, text: str) -> list[str]:
-    """How the recipe that REV's seeds.json (TEXT) measured differs from REV's own
-    params.yaml (experiments.seeds.other_recipe); empty when it is REV's recipe, or when
-    either file cannot be read as such (seed_spread() reports an unreadable seeds.json)."""
-    params_text = read_at(root, rev, ["params.yaml"])[0].get("params.yaml")
+def foreign_recipe(rev: Revision, texts: dict[str, str]) -> list[str]:
+    """How the recipe that REV's seeds.json measured differs from REV's own params.yaml
+    (experiments.seeds.study_recipe), from TEXTS, the two files as REV holds them; empty
+    when it is REV's recipe, or when either file cannot be read as such (seed_spread()
+    reports an unreadable seeds.json)."""
     try:
-        doc = json.loads(text)
-        params = read_yaml_text(params_text or "", f"{rev.label}:params.yaml")
-        return other_recipe(doc, params) if isinstance(doc, dict) else []
-    except (ValueError, StageError, TypeError, KeyError, AttributeError):
+        return study_recipe(texts[SEEDS], texts.get("params.yaml", ""), rev.label)
+    except StageError:
         return []
 
 
@@ -197,18 +194,18 @@ def noise_markdown(root: Path, base: Revision, head: Revision, diff: dict) -> li
     changes = test_accuracy_changes(diff)
     if not changes:
         return []
-    studies = [(rev, texts[SEEDS]) for rev in (head, base)
-               if SEEDS in (texts := read_at(root, rev, [SEEDS])[0])]
+    studies = [(rev, texts) for rev in (head, base)
+               if SEEDS in (texts := read_at(root, rev, [SEEDS, "params.yaml"])[0])]
     if not studies:
         return [f"Test accuracy ({', '.join(keys)}), head − base: {minus(f'{change:+.2f}')}; "
                 f"the seed-to-seed spread is unknown: neither revision has `{SEEDS}` "
                 "(`make seeds` measures it)." for change, keys in changes.items()]
     # a revision's own recipe first: a commit can carry the seed study of another one
-    others = {rev.role: foreign_recipe(root, rev, text) for rev, text in studies}
-    rev, text = next(((rev, text) for rev, text in studies if not others[rev.role]),
-                     studies[0])
+    others = {rev.role: foreign_recipe(rev, texts) for rev, texts in studies}
+    rev, texts = next(((rev, texts) for rev, texts in studies if not others[rev.role]),
+                      studies[0])
     try:
-        sd, n = seed_spread(text)
+        sd, n = seed_spread(texts[SEEDS])
     except StageError as err:
         return [f"{rev.label}: {err}: the seed-to-seed spread is unknown."]
     if sd == 0:
